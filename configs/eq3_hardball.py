@@ -1,0 +1,17 @@
+"""Table 1 row: Eq. (3) block, weight-shared, hardball@ds.
+
+  python -m qhnet.main --config=configs/eq3_hardball.py --workdir=DIR
+  python -m qhnet.main --config=configs/eq3_hardball.py:fashion_mnist --workdir=DIR  # offline, small model
+
+Paper: 83.50% top-1 on ImageNet-100 (224x224, 50 epochs).
+"""
+
+from configs import default
+
+
+def get_config(variant=None):
+    config = default.get_config(variant)
+    config.model.equation = 3
+    config.model.activation = 'hardball'
+    config.model.placement = 'ds'
+    return config

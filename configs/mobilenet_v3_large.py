@@ -1,0 +1,15 @@
+"""Table 1 row: MobileNetV3-Large baseline (torchvision layout).
+
+  python -m qhnet.main --config=configs/mobilenet_v3_large.py --workdir=DIR
+  python -m qhnet.main --config=configs/mobilenet_v3_large.py:fashion_mnist --workdir=DIR  # offline, small model
+
+Paper: 82.91% top-1 on ImageNet-100 (224x224, 50 epochs).
+"""
+
+from configs import default
+
+
+def get_config(variant=None):
+    config = default.get_config(variant)
+    config.model.name = 'mobilenet_v3_large'
+    return config

@@ -1,0 +1,15 @@
+"""Table 1 row: ResNet50 baseline (torchvision layout).
+
+  python -m qhnet.main --config=configs/resnet50.py --workdir=DIR
+  python -m qhnet.main --config=configs/resnet50.py:fashion_mnist --workdir=DIR  # offline, small model
+
+Paper: 84.52% top-1 on ImageNet-100 (224x224, 50 epochs).
+"""
+
+from configs import default
+
+
+def get_config(variant=None):
+    config = default.get_config(variant)
+    config.model.name = 'resnet50'
+    return config

@@ -1,0 +1,1 @@
+"""qhnet: quasi-linear hyperbolic ConvNets with a continuous symmetry, in JAX/Flax."""

@@ -1,0 +1,162 @@
+"""The quasi-linear block family: paper Eqs. (3)-(7), as specified in DESIGN.md section 1.
+
+Notation: the block input `u` has n channels, the output n' (n, or 2n in the first
+block of stages 2-4); m is the multiplier. C, A are 1x1 convs (no bias), K the
+learned derivative operator (`qhnet.derivative`), `*` the elementwise product,
+BN_d the batchnorm on the derivative channels and BN_o the output batchnorm, whose
+scale starts at zero so that every block's update q(u) starts at zero. A block
+returns
+
+    y = act(shortcut(u) + q(u)),
+
+with `shortcut` the identity, or BN(1x1 conv, stride 2, n -> n') when the block
+downsamples. The stride sits in K and in the 1x1 convs that must match its
+resolution.
+
+Optional mixing maps (`mixing=True`, identity at initialisation) make every block
+closed under the channel-mixing group (DESIGN.md section 3): E = `mix_in` before K
+(Eqs. 3, 5, and 4 without weight sharing) or on the bare `u` factor (Eqs. 6, 7),
+and `mix_out` after the product on the output side (Eqs. 4, 5).
+"""
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qhnet import activations
+from qhnet.derivative import DEFAULT_IMPL, Derivative
+
+EQUATIONS = (3, 4, 5, 6, 7)
+
+CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def identity_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.eye(*shape, dtype=dtype)
+
+
+class QuasiLinearBlock(nn.Module):
+    """One residual block y = act(shortcut(u) + q(u)) with q(u) from paper Eq. (`equation`)."""
+    features: int
+    equation: int = 3
+    multiplier: int = 4
+    weight_sharing: bool = True
+    stride: int = 1
+    mixing: bool = False
+    activation: str = 'identity'
+    dtype: jnp.dtype = jnp.float32
+    derivative_impl: str = DEFAULT_IMPL  # how K is computed (qhnet.derivative); same params and results
+
+    @nn.compact
+    def __call__(self, u: jax.Array, train: bool = False) -> jax.Array:
+        update = {3: self.eq3, 4: self.eq4, 5: self.eq5, 6: self.eq6, 7: self.eq7}[self.equation]
+        y = self.shortcut(u, train) + update(u, train)
+        return activations.get(self.activation)(y)
+
+    # Building blocks shared by the equations.
+
+    def conv1x1(self, features: int, name: str, stride: int = 1) -> Callable:
+        return nn.Conv(features, (1, 1), strides=stride, use_bias=False, kernel_init=CONV_INIT,
+                       dtype=self.dtype, name=name)
+
+    def batch_norm(self, train: bool, name: str, zero_scale: bool = False) -> Callable:
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+                            dtype=self.dtype, name=name)
+
+    def derivative(self, stride: int, expand: bool = True) -> Callable:
+        return Derivative(self.multiplier, shared=self.weight_sharing, expand=expand, stride=stride,
+                          dtype=self.dtype, impl=self.derivative_impl, name='derivative')
+
+    def mix(self, x: jax.Array, name: str) -> jax.Array:
+        """A mixing map (n x n, identity at init) when `mixing` is on; otherwise nothing."""
+        if not self.mixing:
+            return x
+        return nn.Dense(x.shape[-1], use_bias=False, kernel_init=identity_init, dtype=self.dtype,
+                        name=name)(x)
+
+    def shortcut(self, u: jax.Array, train: bool) -> jax.Array:
+        if self.stride == 1 and u.shape[-1] == self.features:
+            return u
+        projected = self.conv1x1(self.features, 'shortcut', self.stride)(u)
+        return self.batch_norm(train, 'shortcut_bn')(projected)
+
+    def output_norm(self, x: jax.Array, train: bool) -> jax.Array:
+        return self.batch_norm(train, 'out_bn', zero_scale=True)(x)
+
+    # The equations. n = u.shape[-1], n' = self.features, m = self.multiplier.
+
+    def eq3(self, u: jax.Array, train: bool) -> jax.Array:
+        """Eq. (3): du_i/dt = sum_j A_ij (sum_k C_jk u_k) du_j/dx + (B, D, d/dy terms).
+
+            q(u) = BN_o(A [ (C u) * BN_d(K E u) ]),   C: n -> mn,  A: mn -> n'
+
+        Coefficient channel (j, k) multiplies derivative k of channel j.
+        """
+        n, m = u.shape[-1], self.multiplier
+        coef = self.conv1x1(m * n, 'coef', self.stride)(u)
+        derivative = self.batch_norm(train, 'derivative_bn')(
+            self.derivative(self.stride)(self.mix(u, 'mix_in')))
+        return self.output_norm(self.conv1x1(self.features, 'combine')(coef * derivative), train)
+
+    def eq4(self, u: jax.Array, train: bool) -> jax.Array:
+        """Eq. (4): du_i/dt = sum_k C_ik u_k sum_j A_ij du_j/dx + (D, B, d/dy terms).
+
+            q(u) = BN_o(E_out [ (C u) * (A BN_d(K E_in u)) ]),   C: n -> n',  A: mn -> n'
+
+        With weight sharing K commutes with channel mixing, so E_in is not needed.
+        """
+        coef = self.conv1x1(self.features, 'coef', self.stride)(u)
+        stream = u if self.weight_sharing else self.mix(u, 'mix_in')
+        derivative = self.batch_norm(train, 'derivative_bn')(self.derivative(self.stride)(stream))
+        product = coef * self.conv1x1(self.features, 'combine')(derivative)
+        return self.output_norm(self.mix(product, 'mix_out'), train)
+
+    def eq5(self, u: jax.Array, train: bool) -> jax.Array:
+        """Eq. (5): du_i/dt = sum_k C_ik u_k du_i/dx + sum_k D_ik u_k du_i/dy.
+
+            q(u) = BN_o(E_out [ sum over groups of (C u) * BN_d(K E_in u) ]),   C: n -> mn
+
+        Each channel only sees its own derivatives: the m products of channel j are
+        summed in n'/n groups, giving n' channels (n'/n of them per input channel).
+        """
+        n, m = u.shape[-1], self.multiplier
+        groups = self.features // n
+        coef = self.conv1x1(m * n, 'coef', self.stride)(u)
+        derivative = self.batch_norm(train, 'derivative_bn')(
+            self.derivative(self.stride)(self.mix(u, 'mix_in')))
+        product = coef * derivative  # channel j*m + k
+        summed = product.reshape(*product.shape[:-1], n, groups, m // groups).sum(axis=-1)
+        summed = summed.reshape(*product.shape[:-1], self.features)
+        return self.output_norm(self.mix(summed, 'mix_out'), train)
+
+    def eq6(self, u: jax.Array, train: bool) -> jax.Array:
+        """Eq. (6): du_i/dt = sum_j A_ij d/dx (sum_k C_jk u_j u_k) + (B, d/dy terms).
+
+            q(u) = BN_o(A BN_d(K [ (E u) * (C u) ])),   C: n -> n,  A: mn -> n'
+
+        A conservation law: K differentiates the product, so the stride sits in K.
+        """
+        coef = self.conv1x1(u.shape[-1], 'coef')(u)
+        product = self.mix(u, 'mix_in') * coef
+        derivative = self.batch_norm(train, 'derivative_bn')(self.derivative(self.stride)(product))
+        return self.output_norm(self.conv1x1(self.features, 'combine')(derivative), train)
+
+    def eq7(self, u: jax.Array, train: bool) -> jax.Array:
+        """Eq. (7): du_i/dt = sum_j A_ij d/dx (sum_k C_jk u_j u_k) + sum_j B_ij d/dy (sum_k D_jk u_j u_k).
+
+            q(u) = BN_o(A BN_d(K [ (C u) * repeat_m(E u) ])),   C: n -> mn (C, D, ... stacked)
+
+        Product channel (j, k) is (C_k u)_j * u_j, and K applies derivative k to it:
+        one 3x3 kernel per product channel (or per k with weight sharing).
+        """
+        n, m = u.shape[-1], self.multiplier
+        coef = self.conv1x1(m * n, 'coef')(u)
+        product = coef * jnp.repeat(self.mix(u, 'mix_in'), m, axis=-1)
+        derivative = self.batch_norm(train, 'derivative_bn')(
+            self.derivative(self.stride, expand=False)(product))
+        return self.output_norm(self.conv1x1(self.features, 'combine')(derivative), train)

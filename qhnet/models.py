@@ -1,0 +1,154 @@
+"""The model zoo: QHNet (the ResNet50-shaped network of quasi-linear blocks) and the
+baselines, all built from a config's `model` section by `build`.
+
+Every model is a linen Module on NHWC float images:
+
+    model = build(config.model)
+    variables = model.init(rng, images, train=False)        # {'params', 'batch_stats'}
+    logits = model.apply(variables, images, train=False)
+    logits, updates = model.apply(variables, images, train=True,
+                                  mutable=['batch_stats'], rngs={'dropout': key})
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from qhnet import activations, baselines
+from qhnet.blocks import CONV_INIT, EQUATIONS, QuasiLinearBlock
+from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
+
+PLACEMENTS = ('ds', 'all')
+STEMS = ('imagenet', 'small')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class QHNet(nn.Module):
+    """Stem, stages of quasi-linear blocks, global average pool, linear head.
+
+    `stem='imagenet'`: 7x7/2 conv, BN, ReLU, 3x3/2 max pool (timm ResNet50 layout,
+    expansion 1: widths (64, 128, 256, 512), depths (3, 4, 6, 3)). `stem='small'`:
+    3x3/1 conv, BN, ReLU, no pool, for 28x28 and 32x32 images. Every stage after the
+    first starts with a stride-2 block. `placement='ds'` applies the activation once
+    per stage, after its first block; `'all'` after every block. `remat=True` recomputes
+    each block's activations in the backward pass (`nn.remat`: less memory, more compute);
+    `derivative_impl` picks K's XLA program (`qhnet.derivative.IMPLEMENTATIONS`). Neither
+    changes the parameters or the function.
+    """
+    equation: int = 3
+    activation: str = 'softball'
+    placement: str = 'ds'
+    multiplier: int = 4
+    weight_sharing: bool = True
+    mixing: bool = False
+    stem: str = 'imagenet'
+    widths: Sequence[int] = (64, 128, 256, 512)
+    depths: Sequence[int] = (3, 4, 6, 3)
+    num_classes: int = 100
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    derivative_impl: str = DEFAULT_IMPL
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        block = nn.remat(QuasiLinearBlock, static_argnums=(2,)) if self.remat else QuasiLinearBlock
+        x = images.astype(self.dtype)
+        if self.stem == 'imagenet':
+            x = nn.Conv(self.widths[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
+                        kernel_init=CONV_INIT, dtype=self.dtype, name='stem_conv')(x)
+        else:
+            x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                        kernel_init=CONV_INIT, dtype=self.dtype, name='stem_conv')(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, name='stem_bn')(x)
+        x = nn.relu(x)
+        if self.stem == 'imagenet':
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, (width, depth) in enumerate(zip(self.widths, self.depths)):
+            for index in range(depth):
+                carries_activation = self.placement == 'all' or index == 0
+                x = block(
+                    features=width,
+                    equation=self.equation,
+                    multiplier=self.multiplier,
+                    weight_sharing=self.weight_sharing,
+                    stride=2 if stage > 0 and index == 0 else 1,
+                    mixing=self.mixing,
+                    activation=self.activation if carries_activation else 'identity',
+                    dtype=self.dtype,
+                    derivative_impl=self.derivative_impl,
+                    name=f'stage{stage + 1}_block{index + 1}')(x, train)
+        pooled = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(pooled).astype(jnp.float32)
+
+
+MODEL_NAMES = ('qhnet', 'resnet50', 'mobilenet_v3_large')
+QHNET_FIELDS = ('equation', 'activation', 'placement', 'multiplier', 'weight_sharing', 'mixing',
+                'stem', 'widths', 'depths', 'remat', 'derivative_impl')
+COMMON_FIELDS = ('name', 'num_classes', 'dtype')
+
+
+def _choice(field: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f'unknown model.{field} {value!r}; valid choices: {list(valid)}')
+
+
+def validate(model_config: ml_collections.ConfigDict) -> None:
+    """Checks every field of a `model` config section, naming the bad one and the fix."""
+    unknown = sorted(set(model_config.keys()) - set(COMMON_FIELDS + QHNET_FIELDS))
+    if unknown:
+        raise ValueError(f'unknown model config keys {unknown}; valid keys: '
+                         f'{sorted(COMMON_FIELDS + QHNET_FIELDS)}')
+    _choice('name', model_config.name, MODEL_NAMES)
+    _choice('dtype', model_config.get('dtype', 'float32'), DTYPES)
+    if not (isinstance(model_config.num_classes, int) and model_config.num_classes > 0):
+        raise ValueError(f'model.num_classes must be a positive integer, got {model_config.num_classes!r}')
+    if model_config.name != 'qhnet':
+        return
+    _choice('equation', model_config.equation, EQUATIONS)
+    _choice('activation', model_config.activation, activations.ACTIVATIONS)
+    _choice('placement', model_config.placement, PLACEMENTS)
+    _choice('stem', model_config.stem, STEMS)
+    _choice('derivative_impl', model_config.get('derivative_impl', DEFAULT_IMPL), IMPLEMENTATIONS)
+    if not isinstance(model_config.get('remat', False), bool):
+        raise ValueError(f'model.remat must be True or False, got {model_config.remat!r}')
+    widths, depths = tuple(model_config.widths), tuple(model_config.depths)
+    if not widths or len(widths) != len(depths) or min(widths + depths) < 1:
+        raise ValueError(f'model.widths {widths} and model.depths {depths} must be non-empty '
+                         'sequences of positive integers of the same length')
+    multiplier = model_config.multiplier
+    if not (isinstance(multiplier, int) and multiplier > 0):
+        raise ValueError(f'model.multiplier must be a positive integer, got {multiplier!r}')
+    if model_config.equation == 5:
+        for n, n_out in zip(widths, widths[1:]):
+            if n_out % n or multiplier % (n_out // n):
+                raise ValueError(
+                    f'Eq. (5) sums the {multiplier} products of each channel into n\'/n groups, so each '
+                    f'width ratio must divide the multiplier; widths {widths} have {n} -> {n_out}')
+
+
+def build(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """The linen Module that `model_config` (a config's `model` section) describes."""
+    validate(model_config)
+    dtype = DTYPES[model_config.get('dtype', 'float32')]
+    if model_config.name == 'resnet50':
+        return baselines.ResNet50(num_classes=model_config.num_classes, dtype=dtype)
+    if model_config.name == 'mobilenet_v3_large':
+        return baselines.MobileNetV3Large(num_classes=model_config.num_classes, dtype=dtype)
+    return QHNet(
+        equation=model_config.equation,
+        activation=model_config.activation,
+        placement=model_config.placement,
+        multiplier=model_config.multiplier,
+        weight_sharing=model_config.weight_sharing,
+        mixing=model_config.mixing,
+        stem=model_config.stem,
+        widths=tuple(model_config.widths),
+        depths=tuple(model_config.depths),
+        num_classes=model_config.num_classes,
+        dtype=dtype,
+        remat=bool(model_config.get('remat', False)),
+        derivative_impl=model_config.get('derivative_impl', DEFAULT_IMPL))

@@ -1,0 +1,339 @@
+"""Input pipelines on real data: Fashion-MNIST, digits, a small ImageFolder and TFDS datasets."""
+
+import io
+import os
+import shutil
+import time
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from qhnet import data
+
+# Three classes of the packaged ImageNet-100 list, deliberately not in sorted order.
+WNIDS = ('n03947888', 'n01558993', 'n02086240')
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(dict(
+        name='fashion_mnist', data_dir=None, format='auto', image_size=None, channels=None,
+        augment=False, num_workers=2, class_list=None))
+    config.update(overrides)
+    return config
+
+
+def take(iterator, count: int) -> list[dict[str, np.ndarray]]:
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_packaged_class_list_is_the_cmc_imagenet100():
+    with open(data.IMAGENET100_CLASSES) as f:
+        wnids = f.read().split()
+    assert len(wnids) == len(set(wnids)) == 100
+    assert wnids[:3] == ['n02869837', 'n01749939', 'n02488291']
+    assert all(w.startswith('n') and len(w) == 9 for w in wnids)
+
+
+def test_fashion_mnist_info():
+    info = data.get_info(data_config())
+    assert (info.num_train, info.num_test, info.num_classes) == (60000, 10000, 10)
+    assert info.image_shape == (28, 28, 1)
+    assert len(info.class_names) == 10
+
+
+@pytest.mark.parametrize('augment', [False, True])
+def test_fashion_mnist_batch(augment):
+    batch = next(data.make_iterator(data_config(augment=augment), 'train', batch_size=512,
+                                    seed=0, train=True))
+    assert batch.keys() == {'image', 'label'}
+    assert batch['image'].shape == (512, 28, 28, 1) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (512,) and batch['label'].dtype == np.int32
+    assert abs(batch['image'].mean()) < 0.1 and 0.85 < batch['image'].std() < 1.15
+    assert batch['label'].min() >= 0 and batch['label'].max() < 10
+    assert len(np.unique(batch['label'])) == 10
+
+
+def test_augmentation_changes_images_not_order():
+    plain, augmented = (next(data.make_iterator(data_config(augment=augment), 'train',
+                                                batch_size=64, seed=0, train=True))
+                        for augment in (False, True))
+    np.testing.assert_array_equal(plain['label'], augmented['label'])
+    changed = np.any(plain['image'] != augmented['image'], axis=(1, 2, 3))
+    assert 0.5 < changed.mean() <= 1
+
+
+def test_fashion_mnist_resized_to_three_channels():
+    config = data_config(image_size=32, channels=3)
+    assert data.get_info(config).image_shape == (32, 32, 3)
+    batch = next(data.make_iterator(config, 'test', batch_size=8, seed=0, train=False))
+    assert batch['image'].shape == (8, 32, 32, 3)
+    np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+
+
+def test_digits_info_and_split():
+    info = data.get_info(data_config(name='digits'))
+    assert (info.num_train, info.num_test, info.num_classes) == (1500, 297, 10)
+    assert info.image_shape == (8, 8, 1)
+
+
+def test_same_seed_same_stream_and_different_seed_different_stream():
+    config = data_config(augment=True)
+
+    def stream(seed):
+        return take(data.make_iterator(config, 'train', batch_size=64, seed=seed, train=True), 3)
+
+    assert_same_batches(stream(1), stream(1))
+    assert not np.array_equal(stream(1)[0]['label'], stream(2)[0]['label'])
+
+
+def test_resume_across_epoch_boundary():
+    config = data_config(name='digits')
+    # 1500 train examples, batches of 256: 5 steps an epoch.
+    fresh = take(data.make_iterator(config, 'train', batch_size=256, seed=3, train=True), 12)
+    for start_step in (3, 5, 7):
+        resumed = take(data.make_iterator(config, 'train', batch_size=256, seed=3, train=True,
+                                          start_step=start_step), 12 - start_step)
+        assert_same_batches(fresh[start_step:], resumed)
+    assert not np.array_equal(fresh[0]['label'], fresh[5]['label'])
+
+
+def test_resume_reproduces_augmentation():
+    config = data_config(augment=True)
+    fresh = take(data.make_iterator(config, 'train', batch_size=32, seed=5, train=True), 4)
+    resumed = take(data.make_iterator(config, 'train', batch_size=32, seed=5, train=True,
+                                      start_step=2), 2)
+    assert_same_batches(fresh[2:], resumed)
+
+
+def test_process_slices_make_up_the_global_batch():
+    config = data_config(augment=True)
+    whole = next(data.make_iterator(config, 'train', batch_size=48, seed=0, train=True))
+    parts = [next(data.make_iterator(config, 'train', batch_size=16, seed=0, train=True,
+                                     process_index=p, process_count=3)) for p in range(3)]
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
+
+
+def test_eval_covers_each_test_example_once(digits):
+    config = data_config(name='digits')
+    batches = list(data.make_iterator(config, 'test', batch_size=64, seed=0, train=False))
+    assert len(batches) == 5
+    masks = np.concatenate([b['mask'] for b in batches])
+    assert masks.dtype == np.float32 and masks.sum() == 297
+    labels = np.concatenate([b['label'] for b in batches])[masks == 1]
+    np.testing.assert_array_equal(labels, digits[1][1500:])
+    assert np.all(batches[-1]['image'][batches[-1]['mask'] == 0] == 0)
+
+    sharded = [list(data.make_iterator(config, 'test', batch_size=32, seed=0, train=False,
+                                       process_index=p, process_count=2)) for p in range(2)]
+    assert len(sharded[0]) == len(sharded[1])
+    assert sum(b['mask'].sum() for shard in sharded for b in shard) == 297
+
+
+def write_jpeg(path, image: np.ndarray):
+    Image.fromarray(image).save(path, format='JPEG', quality=90)
+
+
+def fake_photo(digit: np.ndarray, width: int, height: int, tint: int) -> np.ndarray:
+    """An RGB photo-sized image made from an 8x8 digit in [0, 1]."""
+    gray = np.asarray(Image.fromarray((digit * 255).astype(np.uint8)).resize((width, height)))
+    return np.stack([gray, np.roll(gray, tint, axis=1), 255 - gray], axis=-1)
+
+
+@pytest.fixture(scope='module')
+def imagefolder(tmp_path_factory, digits):
+    """train/ (4 images a class) and val/ (2 a class) for WNIDS, plus a folder not in any list."""
+    root = tmp_path_factory.mktemp('imagefolder')
+    images = digits[0][..., 0]
+    for folder, count in (('train', 4), ('val', 2)):
+        for c, wnid in enumerate(WNIDS + ('n99999999',)):
+            os.makedirs(root / folder / wnid)
+            for k in range(count):
+                photo = fake_photo(images[10 * c + k], 40 + 6 * k, 30 + 4 * c, tint=c)
+                write_jpeg(root / folder / wnid / f'{wnid}_{k}.JPEG', photo)
+    class_list = root / 'classes.txt'
+    class_list.write_text('\n'.join(WNIDS) + '\n')
+    return root, class_list
+
+
+def test_imagefolder_missing_classes_are_named(imagefolder):
+    root, _ = imagefolder
+    with pytest.raises(data.DatasetNotFoundError) as error:
+        data.get_info(data_config(name='imagenet100', data_dir=str(root)))
+    message = str(error.value)
+    assert '194 class folders are missing' in message
+    assert os.path.join('val', 'n02869837') in message
+    assert WNIDS[0] not in message
+    assert 'train/<wnid>' in message
+
+
+def test_imagefolder_end_to_end(imagefolder):
+    root, class_list = imagefolder
+    config = data_config(name='imagenet100', data_dir=str(root), class_list=str(class_list),
+                         image_size=32, augment=True)
+    info = data.get_info(config)
+    assert info.class_names == tuple(sorted(WNIDS))
+    assert (info.num_classes, info.num_train, info.num_test) == (3, 12, 6)
+    assert info.image_shape == (32, 32, 3)
+
+    batches = list(data.make_iterator(config, 'test', batch_size=4, seed=0, train=False))
+    labels = np.concatenate([b['label'] for b in batches])[:6]
+    np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
+    assert [b['mask'].sum() for b in batches] == [4, 2]
+    assert batches[0]['image'].shape == (4, 32, 32, 3)
+    assert batches[0]['image'].dtype == np.float32
+
+    train = take(data.make_iterator(config, 'train', batch_size=4, seed=1, train=True), 6)
+    assert train[0]['image'].shape == (4, 32, 32, 3)
+    epoch = np.concatenate([b['label'] for b in train[:3]])
+    np.testing.assert_array_equal(np.bincount(epoch), [4, 4, 4])
+    resumed = take(data.make_iterator(config, 'train', batch_size=4, seed=1, train=True,
+                                      start_step=2), 4)
+    assert_same_batches(train[2:], resumed)
+
+
+def test_imagefolder_corrupt_jpeg_names_the_file(tmp_path, imagefolder):
+    source, class_list = imagefolder
+    root = tmp_path / 'corrupt'
+    for folder in ('train', 'val'):
+        for wnid in WNIDS:
+            shutil.copytree(source / folder / wnid, root / folder / wnid)
+    corrupt = root / 'val' / WNIDS[1] / f'{WNIDS[1]}_1.JPEG'
+    corrupt.write_bytes(b'\xff\xd8\xff\xe0 this is not a JPEG' * 20)
+    config = data_config(name='imagenet100', data_dir=str(root), class_list=str(class_list),
+                         image_size=32)
+    with pytest.raises(data.CorruptImageError, match=str(corrupt)):
+        list(data.make_iterator(config, 'test', batch_size=4, seed=0, train=False))
+
+
+def test_missing_data_raises_quickly_with_instructions(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(data.DatasetNotFoundError, match='apt-get install dataset-fashion-mnist'):
+        data.get_info(data_config(data_dir=str(tmp_path / 'nowhere')))
+    with pytest.raises(data.DatasetNotFoundError, match='tfds build imagenet2012'):
+        data.make_iterator(data_config(name='imagenet100', data_dir=str(tmp_path / 'nowhere')),
+                           'train', batch_size=8, seed=0, train=True)
+    assert time.perf_counter() - start < 1
+    with pytest.raises(data.DatasetNotFoundError, match='ImageFolder root'):
+        data.get_info(data_config(name='imagenet100', data_dir=str(tmp_path)))
+    with pytest.raises(data.DatasetNotFoundError, match='tfds build mnist'):
+        data.get_info(data_config(name='mnist', data_dir=str(tmp_path)))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('field, value, choices', [
+    ('name', 'fashon_mnist', ['fashion_mnist', 'digits', 'imagenet100']),
+    ('format', 'zip', ['auto', 'imagefolder', 'tfds']),
+    ('channels', 2, ['None', '1', '3']),
+])
+def test_bad_config_values_list_the_choices(tmp_path, field, value, choices):
+    config = data_config(data_dir=str(tmp_path), **{field: value})
+    with pytest.raises(ValueError) as error:
+        data.get_info(config)
+    for choice in choices:
+        assert choice in str(error.value)
+
+
+def encode_jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='JPEG', quality=90)
+    return buffer.getvalue()
+
+
+class QhnetTestImagenet(tfds.core.GeneratorBasedBuilder):
+    """Variable-size photos labelled by wnid, as in imagenet2012, one label not in WNIDS."""
+    VERSION = tfds.core.Version('1.0.0')
+    LABELS = (WNIDS[2], 'n00000001', WNIDS[0], WNIDS[1])
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+            'label': tfds.features.ClassLabel(names=self.LABELS),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {'train': self._generate_examples(16), 'validation': self._generate_examples(8)}
+
+    def _generate_examples(self, count):
+        rng = np.random.default_rng(count)
+        for i in range(count):
+            photo = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+            yield i, {'image': encode_jpeg(photo), 'label': i % 4}
+
+
+class QhnetTestDigits(tfds.core.GeneratorBasedBuilder):
+    """Fixed-size 8x8 grayscale images."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(8, 8, 1), encoding_format='png'),
+            'label': tfds.features.ClassLabel(num_classes=10),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {'train': self._generate_examples(0, 40), 'test': self._generate_examples(40, 50)}
+
+    def _generate_examples(self, start, stop):
+        for i in range(start, stop):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((8, 8), 20 * (i % 10), np.uint8)).save(buffer, format='PNG')
+            yield i, {'image': buffer.getvalue(), 'label': i % 10}
+
+
+def prepare(builder_class, data_dir):
+    builder = builder_class(data_dir=str(data_dir), file_format='array_record')
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def test_tfds_imagenet100_filters_and_relabels(tmp_path, monkeypatch, imagefolder):
+    _, class_list = imagefolder
+    prepare(QhnetTestImagenet, tmp_path)
+    monkeypatch.setattr(data, '_IMAGENET_TFDS_NAME', 'qhnet_test_imagenet')
+    config = data_config(name='imagenet100', data_dir=str(tmp_path), class_list=str(class_list),
+                         image_size=24, augment=True)
+    info = data.get_info(config)
+    assert (info.num_classes, info.num_train, info.num_test) == (3, 12, 6)
+    assert list(tmp_path.glob('qhnet_test_imagenet/1.0.0/qhnet-labels-*.npy'))
+
+    batch = next(data.make_iterator(config, 'test', batch_size=8, seed=0, train=False))
+    assert batch['image'].shape == (8, 24, 24, 3)
+    records = tfds.data_source('qhnet_test_imagenet', split='validation', data_dir=str(tmp_path),
+                               download=False)
+    wnids = [QhnetTestImagenet.LABELS[r['label']] for r in records]
+    expected = [sorted(WNIDS).index(wnid) for wnid in wnids if wnid in WNIDS]
+    np.testing.assert_array_equal(batch['label'][:6], expected)
+    np.testing.assert_array_equal(batch['mask'], [1] * 6 + [0] * 2)
+
+    train = take(data.make_iterator(config, 'train', batch_size=4, seed=0, train=True), 3)
+    assert sorted(np.concatenate([b['label'] for b in train])) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_tfds_dataset_by_name(tmp_path):
+    prepare(QhnetTestDigits, tmp_path)
+    config = data_config(name='qhnet_test_digits', data_dir=str(tmp_path), augment=True)
+    info = data.get_info(config)
+    assert (info.num_classes, info.num_train, info.num_test) == (10, 40, 10)
+    assert info.image_shape == (8, 8, 1)
+    batch = next(data.make_iterator(config, 'train', batch_size=8, seed=0, train=True))
+    assert batch['image'].shape == (8, 8, 8, 1)
+    evaluation = list(data.make_iterator(config, 'test', batch_size=8, seed=0, train=False))
+    mask = np.concatenate([b['mask'] for b in evaluation]) == 1
+    labels = np.concatenate([b['label'] for b in evaluation])[mask]
+    images = np.concatenate([b['image'] for b in evaluation])[mask]
+    np.testing.assert_array_equal(np.sort(labels), np.arange(10))
+    # Each test image is uniformly 20 * label.
+    expected = (20 * labels / 255 - data._IMAGENET_GRAY_MEAN[0]) / data._IMAGENET_GRAY_STD[0]
+    np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), expected, atol=0.05)
