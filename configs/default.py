@@ -49,6 +49,12 @@ def model_config() -> ml_collections.ConfigDict:
         num_classes=100,
         # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
         dtype='float32',
+        # QHNet only. Recompute each block's activations in the backward pass
+        # (jax.checkpoint): less activation memory for more compute.
+        remat=False,
+        # QHNet only. XLA program for the derivative operator K: 'grouped', 'folded'
+        # or 'stencil' (qhnet.derivative); same parameters and results, different speed.
+        derivative_impl='stencil',
     ))
 
 
@@ -105,7 +111,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         max_to_keep=3,
     ))
     # A non-finite loss or gradient rolls the run back to its last checkpoint and
-    # continues with the learning rate multiplied by lr_factor, at most max_retries times.
+    # continues with the learning rate multiplied by lr_factor, at most max_retries
+    # times per process (the lowered learning rate is saved with the checkpoints).
     config.breakdown = ml_collections.ConfigDict(dict(
         lr_factor=0.5,
         max_retries=3,
@@ -139,15 +146,15 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.data.augment = False
         config.data.num_workers = 1
         config.model.stem = 'small'
-        config.model.widths = (32, 64, 128)
+        config.model.widths = (16, 64, 128)
         config.model.depths = (1, 1, 1)
         config.model.num_classes = 10
         config.batch_size = 128
         config.eval_batch_size = 500
-        config.num_epochs = 5
-        config.optimizer.base_lr = 0.1
+        config.num_epochs = 4
+        config.optimizer.base_lr = 0.8
         config.optimizer.reference_batch_size = 128
-        config.optimizer.warmup_epochs = 0.5
+        config.optimizer.warmup_epochs = 0.3
         config.optimizer.weight_decay = 5e-5
         config.checkpoint.every_steps = 10_000
         config.log_every_steps = 50

@@ -28,8 +28,9 @@ def hardtanh(x: jax.Array) -> jax.Array:
 
 
 def _mean_square(x: jax.Array) -> jax.Array:
-    """|x|^2 / R^2 with R = sqrt(n): the mean square over the channel axis, in float32."""
-    return jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    """|x|^2 / R^2 with R = sqrt(n): the mean square over the channel axis, in float32 at least."""
+    return jnp.mean(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))), axis=-1,
+                    keepdims=True)
 
 
 def hardball(x: jax.Array) -> jax.Array:

@@ -13,21 +13,30 @@ Implementations (`impl`), all computing the same function (tests/test_derivative
 with the same parameters; they differ only in the XLA program:
 
 - 'grouped': one depthwise conv (`feature_group_count` = input channels) with the
-  shared bank tiled to one kernel per output channel. The textbook form; fast
-  where the backend has a native depthwise conv (cuDNN), slow on XLA:CPU, which
-  rewrites a grouped conv into a dense conv over a block-diagonal kernel.
+  shared bank tiled to one kernel per output channel. The textbook form, for
+  backends with a native depthwise conv (cuDNN). On XLA:CPU its backward pass (the
+  kernel gradient, a conv with batch_group_count) takes seconds per layer.
 - 'folded': weight-shared only. Channels move into the batch and a dense conv
   with the m-kernel bank (1 -> m channels; with `expand=False`, m -> m depthwise)
   does the work; costs two transposes. Without weight sharing there is nothing
   to fold and it is 'grouped'.
 - 'stencil': the 3x3 conv written out as the sum of its 9 shifted (and, at stride
-  2, strided) slices times the kernel taps, broadcast over channels. Pure
-  elementwise work that XLA fuses into one loop (backward too), accumulated in
-  float32.
+  2, strided) slices times the kernel taps, broadcast over channels: elementwise
+  work that XLA fuses into one loop, accumulated in float32 (float64 for float64
+  inputs). Its backward pass is hand-written (a custom VJP): the input gradient is
+  the transposed stencil, per stride phase; the kernel gradient of a shared bank
+  is the folded conv's filter gradient, of per-channel kernels a reduction per tap.
+  Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is not defined for it; reverse
+  mode of any order is.
 
-`DEFAULT_IMPL` is the one that measured fastest for the whole training step
-(benchmarks/derivative.md, benchmarks/models_cpu.md).
+`DEFAULT_IMPL` is the fastest on XLA:CPU, by far (benchmarks/derivative_cpu.md,
+benchmarks/models_cpu.md): per network, 'stencil' runs K's forward and backward
+several times faster than 'folded' and hundreds of times faster than 'grouped'.
+On a GPU run
+`python -m benchmarks.derivative` and pick with `config.model.derivative_impl`.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -71,31 +80,155 @@ def _folded(x, kernel, group, stride):
     return y.reshape(batch, out_h, out_w, n * m)
 
 
-def _stencil(x, kernel, outputs, stride):
-    """sum over the 9 taps t of shift_t(x)[..., j, None] * kernel_t[j, i], in float32."""
-    batch, height, width, channels = x.shape
-    ratio = outputs // channels
-    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    stored = kernel.shape[-1]
-    if stored % ratio == 0:
-        # Kernel c mod stored for output channel c = j*ratio + i: view the bank as
-        # (stored // ratio, ratio) and the input channels as (channels*ratio // stored, stored // ratio).
-        taps = kernel.reshape(3, 3, stored // ratio, ratio).astype(jnp.float32)
-        x_view = (channels * ratio // stored, stored // ratio, 1)
-    else:
-        taps = per_channel_kernel(kernel, outputs).reshape(3, 3, channels, ratio).astype(jnp.float32)
-        x_view = (channels, 1)
-    total = None
+def _shifted(padded, out_h, out_w, stride):
+    """The 9 (strided) windows of a spatially padded (B, H+2, W+2, ...) array, tap-major."""
+    start = (0,) * padded.ndim
+    windows = []
     for dy in range(3):
         for dx in range(3):
-            shifted = jax.lax.slice(
-                padded, (0, dy, dx, 0),
-                (batch, dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1, channels),
-                (1, stride, stride, 1))
-            term = shifted.astype(jnp.float32).reshape(batch, out_h, out_w, *x_view) * taps[dy, dx]
+            begin = (0, dy, dx) + start[3:]
+            end = (padded.shape[0], dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1,
+                   *padded.shape[3:])
+            windows.append(jax.lax.slice(padded, begin, end, (1, stride, stride) + (1,) * (padded.ndim - 3)))
+    return windows
+
+
+def _pad_hw(x, low=1, high=1, interior=0):
+    config = [(0, 0, 0)] * x.ndim
+    config[1] = (low, high if isinstance(high, int) else high[0], interior)
+    config[2] = (low, high if isinstance(high, int) else high[1], interior)
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _stencil_core(x, taps, stride):
+    """x (B, H, W, A, S, 1), taps (9, S, R) -> (B, H', W', A, S, R) in taps' dtype (float32 or 64):
+    sum over taps t of window_t(x) * taps[t]. A custom VJP because XLA:CPU runs JAX's own
+    transpose (9 pads of the cotangent, reductions onto a 4-wide minor axis, a dilated
+    cotangent at stride 2) 10-100x slower than the forward pass."""
+    return _stencil_forward(x, taps, stride)[0]
+
+
+def _stencil_forward(x, taps, stride):
+    batch, height, width, groups, shared = x.shape[:5]
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    ratio = taps.shape[-1]
+    windows = _shifted(_pad_hw(x), out_h, out_w, stride)
+    if shared == 1 and groups > 1:
+        # One bank for all channels: one output plane per kernel r, each a sum of windows
+        # times scalar taps, then interleaved. XLA:CPU vectorises this 1.6x better than
+        # the broadcast of a (1, R) bank against every channel.
+        planes = [sum(w[..., 0, 0].astype(taps.dtype) * taps[t, 0, r] for t, w in enumerate(windows))
+                  for r in range(ratio)]
+        total = jnp.stack(planes, axis=-1).reshape(batch, out_h, out_w, groups, 1, ratio)
+    else:
+        total = None
+        for t, window in enumerate(windows):
+            term = window.astype(taps.dtype) * taps[t]
             total = term if total is None else total + term
-    return total.reshape(batch, out_h, out_w, outputs).astype(x.dtype)
+    return total, (x, taps)
+
+
+def _transposed_stencil(g, taps, stride, height, width):
+    """The input gradient of the stencil: dx[p] = sum over taps (dy, dx) and R of
+    g[o] * taps[dy, dx] wherever o*stride + (dy, dx) - 1 = p.
+
+    g (B, H', W', C, R), taps (9, C, R) -> (B, height, width, C). Computed per phase
+    (p mod stride in each direction) so that a stride-2 layer does 9 taps' work at the
+    output resolution, not on a dilated cotangent; the phases are then interleaved.
+    """
+    batch, out_h, out_w, channels, ratio = g.shape
+    # One padded plane per r: g[o] sits at plane[o + 1], so offsets -1, 0, +1 stay in range.
+    # The sum over r is written out as elementwise terms, not a reduction over the minor
+    # axis: XLA fuses all 9*R terms into one loop (the reduction form was ~20x slower on CPU).
+    planes = [_pad_hw(g[..., r]) for r in range(ratio)]
+
+    def phase_taps(r):  # (tap index d, offset) with p = stride*q + r reading o = q + offset
+        return [(d, (r + 1 - d) // stride) for d in range(3) if (r + 1 - d) % stride == 0]
+
+    rows, cols = -(-height // stride), -(-width // stride)
+    phases = []
+    for ry in range(stride):
+        row = []
+        for rx in range(stride):
+            total = None
+            for dy, oy in phase_taps(ry):
+                for dx, ox in phase_taps(rx):
+                    for r, plane in enumerate(planes):
+                        window = jax.lax.slice(plane, (0, 1 + oy, 1 + ox, 0),
+                                               (batch, 1 + oy + rows, 1 + ox + cols, channels))
+                        term = window * taps[3 * dy + dx, :, r]
+                        total = term if total is None else total + term
+            row.append(total)
+        phases.append(row)
+    if stride == 1:
+        return phases[0][0]
+    # (B, rows, stride, cols, stride, C) -> (B, rows*stride, cols*stride, C), cropped.
+    grid = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+    return grid.reshape(batch, rows * stride, cols * stride, channels)[:, :height, :width]
+
+
+def _stencil_backward(stride, residuals, g):
+    x, taps = residuals
+    batch, height, width, groups, shared = x.shape[:5]
+    out_h, out_w = g.shape[1:3]
+    ratio = taps.shape[-1]
+    # Input gradient on (B, H', W', channels, R), the kernels broadcast to every channel.
+    g = g.astype(taps.dtype).reshape(batch, out_h, out_w, groups * shared, ratio)
+    per_channel = jnp.broadcast_to(taps[:, None], (9, groups, shared, ratio)).reshape(9, -1, ratio)
+    dx = _transposed_stencil(g, per_channel, stride, height, width)
+    # Kernel gradient: dtaps[t] = sum of window_t(x) * g over batch, space and the channels
+    # that share a kernel.
+    x_flat = x.reshape(batch, height, width, groups * shared)
+    if groups > 1 and (shared == 1 or ratio == 1):
+        # A shared bank: the filter gradient of the folded conv (channels in the batch), which
+        # XLA computes as one convolution; 2-3x faster on CPU than the reductions below.
+        kernel = taps.reshape(3, 3, 1, shared * ratio)
+        _, vjp = jax.vjp(lambda k: _folded(x_flat.astype(taps.dtype), k, shared, stride), kernel)
+        (dkernel,) = vjp(g.reshape(batch, out_h, out_w, -1))
+        dtaps = dkernel.reshape(taps.shape)
+    elif ratio == 1:
+        # One kernel per channel (Eq. 7's (j, k) channels): the input is as wide as the
+        # output, so the 9 windows must not all be live at once (XLA:CPU materialises
+        # them): one tap at a time in a loop, which is also faster.
+        padded = _pad_hw(x_flat)
+        channels = x_flat.shape[-1]
+
+        def tap(t):
+            window = jax.lax.dynamic_slice(
+                padded, (0, t // 3, t % 3, 0),
+                (batch, stride * (out_h - 1) + 1, stride * (out_w - 1) + 1, channels))
+            window = window[:, ::stride, ::stride].astype(taps.dtype)
+            return jnp.sum(window * g[..., 0], axis=(0, 1, 2))
+
+        dtaps = jax.lax.map(tap, jnp.arange(9)).reshape(9, groups, shared, 1).sum(axis=1)
+    else:  # per tap and r, a reduction onto the channel axis
+        windows = _shifted(_pad_hw(x_flat), out_h, out_w, stride)
+        dtaps = jnp.stack([
+            jnp.stack([jnp.sum(w.astype(taps.dtype) * g[..., r], axis=(0, 1, 2)) for r in range(ratio)], -1)
+            for w in windows])
+        dtaps = dtaps.reshape(9, groups, shared, ratio).sum(axis=1)
+    return dx.reshape(x.shape).astype(x.dtype), dtaps
+
+
+_stencil_core.defvjp(_stencil_forward, _stencil_backward)
+
+
+def _stencil(x, kernel, outputs, stride):
+    """sum over the 9 taps t of shift_t(x)[..., j, None] * kernel_t[j, i], accumulated in
+    float32 (float64 for float64 inputs) and returned in x's dtype."""
+    batch, height, width, channels = x.shape
+    ratio = outputs // channels
+    if kernel.shape[-1] % ratio:
+        kernel = per_channel_kernel(kernel, outputs)
+    stored = kernel.shape[-1]
+    # Output channel c = j*ratio + i uses kernel c mod stored: view the kernels as
+    # (stored // ratio, ratio) and the input channels as (channels*ratio // stored, stored // ratio).
+    taps = kernel.reshape(9, stored // ratio, ratio).astype(jnp.promote_types(x.dtype, jnp.float32))
+    dtype = x.dtype
+    x = x.reshape(batch, height, width, channels * ratio // stored, stored // ratio, 1)
+    y = _stencil_core(x, taps, stride)
+    return y.reshape(*y.shape[:3], outputs).astype(dtype)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, *,

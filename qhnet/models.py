@@ -82,7 +82,8 @@ class QHNet(nn.Module):
                     derivative_impl=self.derivative_impl,
                     name=f'stage{stage + 1}_block{index + 1}')(x, train)
         pooled = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(pooled).astype(jnp.float32)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(pooled)
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 MODEL_NAMES = ('qhnet', 'resnet50', 'mobilenet_v3_large')

@@ -1,0 +1,269 @@
+"""Speed, memory and FLOPs of every Table 1 model side by side, ResNet50 the baseline.
+
+    python -m benchmarks.models                           # CPU defaults: batch 8, all rows
+    python -m benchmarks.models --models 'ResNet50,Eq. (3) softball@ds' --variants
+    python -m benchmarks.models --batch 256 --dtype bfloat16 --reps 20 --variants \\
+        --out benchmarks/models_gpu                       # on a GPU
+
+For every model, at `--image-size` (224) and 100 classes, in one process:
+
+- parameters (trainable, BN scales and shifts included);
+- FLOPs per image of the forward pass and of a training step, from XLA's cost analysis
+  of the *lowered* (unoptimised) program: what the model asks for, independent of how a
+  backend rewrites it (XLA:CPU, for one, turns a grouped conv into a dense one);
+- training step images/s: the project's own `qhnet.train.train_step` (forward, backward,
+  SGD-momentum update with weight decay, BN statistics), jitted with the state donated;
+- inference images/s: `model.apply(..., train=False)`, jitted;
+- peak memory of both programs from XLA's memory analysis of the compiled program:
+  arguments + outputs - donated aliases + temporaries (what the device must hold).
+
+All programs are timed round-robin (model A, B, C, A, B, C, ...) so that a change in
+machine load hits every model alike; medians of `--reps` repetitions. On a CPU both the
+wall clock and the process CPU time are recorded and speed ratios use CPU time (robust
+when other jobs share the machine; `--clock` to change); on an accelerator, wall time.
+
+`--variants` adds, for the Eq. (3) softball@ds row: rematerialisation (`remat=True`),
+the other compute dtype, and every other derivative implementation (`--impls`), so that
+each switch's effect on speed and memory sits in the same table.
+
+Writes a markdown table (stdout and `--out`.md) and the raw numbers (`--out`.json).
+"""
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import timing
+from configs import default
+from qhnet import models, params, train
+from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
+
+BASELINE = 'ResNet50'
+MAIN = 'Eq. (3) softball@ds'
+
+
+@dataclasses.dataclass
+class Entry:
+    label: str
+    row: str
+    dtype: str
+    remat: bool = False
+    impl: str | None = None  # QHNet rows: the derivative implementation
+
+
+def entries(args) -> list[Entry]:
+    rows = [BASELINE] + [row for row in params.TABLE1 if row != BASELINE]
+    if args.models != 'all':
+        wanted = [name.strip() for name in args.models.split(',')]
+        unknown = sorted(set(wanted) - set(params.TABLE1))
+        if unknown:
+            raise SystemExit(f'unknown --models {unknown}; valid: {list(params.TABLE1)}')
+        rows = [BASELINE] + [row for row in rows if row in wanted and row != BASELINE]
+    impl = args.impl
+    out = []
+    for row in rows:
+        is_qhnet = params.row_config(row).model.name == 'qhnet'
+        out.append(Entry(row, row, args.dtype, impl=impl if is_qhnet else None))
+    if args.variants and MAIN in rows:
+        other = 'bfloat16' if args.dtype == 'float32' else 'float32'
+        out.append(Entry(f'{MAIN} +remat', MAIN, args.dtype, remat=True, impl=impl))
+        out.append(Entry(f'{BASELINE} {other}', BASELINE, other))
+        out.append(Entry(f'{MAIN} {other}', MAIN, other, impl=impl))
+        for candidate in args.impls:
+            if candidate != impl:
+                out.append(Entry(f'{MAIN} [K: {candidate}]', MAIN, args.dtype, impl=candidate))
+    return out
+
+
+def build(entry: Entry, num_classes: int):
+    model_config = params.row_config(entry.row).model
+    model_config.num_classes = num_classes
+    model_config.dtype = entry.dtype
+    if model_config.name == 'qhnet':
+        model_config.remat = entry.remat
+        model_config.derivative_impl = entry.impl
+    return models.build(model_config)
+
+
+def flops(lowered) -> float:
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0]
+    return float(analysis.get('flops', float('nan'))) if analysis else float('nan')
+
+
+def peak_bytes(compiled) -> float:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return float('nan')
+    return float(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                 - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+
+
+def prepare(entry: Entry, args, config) -> dict:
+    """Compiles the training and inference programs of one model; returns the callables."""
+    model = build(entry, args.num_classes)
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    images = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)
+    batch = {'image': images, 'label': labels}
+    schedule = optax.constant_schedule(0.01)
+    optimizer = train.make_optimizer(config, schedule)
+    state = train.create_train_state(model, optimizer, shape[1:], jax.random.key(0))
+    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.params))
+
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
+                                     schedule=schedule, label_smoothing=config.label_smoothing),
+                   donate_argnums=0)
+    infer = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+    key = jax.random.key(1)
+    start = time.perf_counter()
+    step_lowered = step.lower(state, batch, key)
+    infer_lowered = infer.lower(state.variables(), images)
+    step_compiled = step_lowered.compile()
+    infer_compiled = infer_lowered.compile()
+    compile_seconds = time.perf_counter() - start
+    holder = {'state': state}
+
+    def run_step():
+        holder['state'], metrics = step_compiled(holder['state'], batch, key)
+        return metrics['loss']
+
+    variables = state.variables()  # inference reads a separate copy: the step donates its state
+    variables = jax.tree_util.tree_map(jnp.copy, variables)
+
+    def run_infer():
+        return infer_compiled(variables, images)
+
+    return dict(
+        entry=entry, params=count, compile_seconds=compile_seconds,
+        flops_infer=flops(infer_lowered) / args.batch, flops_train=flops(step_lowered) / args.batch,
+        flops_train_compiled=flops(step_compiled) / args.batch,
+        memory_train=peak_bytes(step_compiled), memory_infer=peak_bytes(infer_compiled),
+        run_step=run_step, run_infer=run_infer, step_text=step_compiled.as_text)
+
+
+def measure(args) -> dict:
+    config = default.get_config()
+    prepared = []
+    for entry in entries(args):
+        print(f'compiling {entry.label} ...', file=sys.stderr, flush=True)
+        item = prepare(entry, args, config)
+        print(f'  {item["compile_seconds"]:.0f}s; {item["flops_infer"] / 1e9:.2f} GFLOP/img forward, '
+              f'peak train {item["memory_train"] / 2**20:.0f} MiB', file=sys.stderr, flush=True)
+        prepared.append(item)
+    results = {}
+    for kind in ('train', 'infer'):
+        candidates = {item['entry'].label: item['run_step' if kind == 'train' else 'run_infer']
+                      for item in prepared}
+        print(f'timing {kind} ({args.reps} interleaved repetitions) ...', file=sys.stderr, flush=True)
+        results[kind] = timing.interleaved(candidates, args.reps, warmup=args.warmup,
+                                           slow_seconds=args.slow_seconds)
+    rows = []
+    for item in prepared:
+        entry = item['entry']
+        rows.append(dict(
+            label=entry.label, row=entry.row, dtype=entry.dtype, remat=entry.remat,
+            derivative_impl=entry.impl, params=item['params'],
+            flops_infer_per_image=item['flops_infer'], flops_train_per_image=item['flops_train'],
+            flops_train_compiled_per_image=item['flops_train_compiled'],
+            peak_bytes_train=item['memory_train'], peak_bytes_infer=item['memory_infer'],
+            compile_seconds=item['compile_seconds'],
+            train_seconds=results['train'][entry.label], infer_seconds=results['infer'][entry.label]))
+    return dict(device=timing.device_name(), backend=jax.default_backend(), batch=args.batch,
+                image_size=args.image_size, num_classes=args.num_classes, dtype=args.dtype,
+                reps=args.reps, clock=args.clock, default_impl=DEFAULT_IMPL, git=timing.git_revision(),
+                load_average_at_end=timing.load_average(), note=args.note, rows=rows)
+
+
+def markdown(report: dict) -> str:
+    clock, batch = report['clock'], report['batch']
+    rows = report['rows']
+    base = next(row for row in rows if row['label'] == BASELINE)
+
+    def seconds(row, kind, which):
+        return timing.median(row[f'{kind}_seconds'][which])
+
+    def fmt_ratio(value):
+        return f'{value:.2f}x'
+
+    lines = [
+        f'# Models side by side: ResNet50 = 1.00x',
+        '',
+        f'Device: **{report["device"]}**. {report["image_size"]}x{report["image_size"]} images, '
+        f'{report["num_classes"]} classes, batch {batch}, compute dtype {report["dtype"]} unless the '
+        f'label says otherwise, derivative implementation `{report["default_impl"]}` unless it says '
+        f'[K: ...]. Medians of {report["reps"]} interleaved repetitions. {report["note"]}',
+        '',
+        f'Speed ratios (`x RN50`, > 1 is faster than ResNet50) use '
+        f'{"process CPU time (all threads), robust on a shared machine" if clock == "cpu" else "wall time"}'
+        f'; img/s columns are wall clock. FLOPs: XLA cost analysis of the lowered program, per image '
+        f'(a multiply-add is 2 FLOPs). Memory: XLA memory analysis of the compiled program '
+        f'(arguments + outputs - donated + temporaries), MiB.',
+        '',
+        '| model | params (M) | x RN50 | GFLOPs fwd | x RN50 | train img/s | train x RN50 | '
+        'infer img/s | infer x RN50 | train peak MiB | x RN50 | infer peak MiB |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
+    for row in rows:
+        train_speed = seconds(base, 'train', clock) / seconds(row, 'train', clock)
+        infer_speed = seconds(base, 'infer', clock) / seconds(row, 'infer', clock)
+        lines.append(
+            f'| {row["label"]} | {row["params"] / 1e6:.2f} | {fmt_ratio(row["params"] / base["params"])} '
+            f'| {row["flops_infer_per_image"] / 1e9:.2f} '
+            f'| {fmt_ratio(row["flops_infer_per_image"] / base["flops_infer_per_image"])} '
+            f'| {batch / seconds(row, "train", "wall"):.1f} | **{fmt_ratio(train_speed)}** '
+            f'| {batch / seconds(row, "infer", "wall"):.1f} | {fmt_ratio(infer_speed)} '
+            f'| {row["peak_bytes_train"] / 2**20:.0f} '
+            f'| {fmt_ratio(row["peak_bytes_train"] / base["peak_bytes_train"])} '
+            f'| {row["peak_bytes_infer"] / 2**20:.0f} |')
+    lines += ['', f'Spread (half inter-quartile range / median) of the training-step times: ' + ', '.join(
+        f'{row["label"]} {timing.spread(row["train_seconds"][clock]):.0%}' for row in rows) + '.']
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--num-classes', type=int, default=100)
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    parser.add_argument('--models', default='all',
+                        help=f"comma-separated Table 1 rows (ResNet50 is always included): {list(params.TABLE1)}")
+    parser.add_argument('--impl', choices=IMPLEMENTATIONS, default=DEFAULT_IMPL,
+                        help='derivative implementation of the QHNet rows')
+    parser.add_argument('--variants', action='store_true',
+                        help=f'add {MAIN} with remat, with the other dtype, with the other --impls; '
+                             f'{BASELINE} with the other dtype')
+    parser.add_argument('--impls', type=lambda s: s.split(','), default=['folded'],
+                        help="derivative implementations for --variants (default 'folded': 'grouped' "
+                             'takes minutes per step on XLA:CPU; include it on a GPU)')
+    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--slow-seconds', type=float, default=120.0,
+                        help='a program slower than this per call is timed once')
+    parser.add_argument('--clock', choices=('cpu', 'wall'), default=None,
+                        help="speed ratios from 'cpu' (process CPU time; default on CPU) or 'wall'")
+    parser.add_argument('--note', default='')
+    parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
+    args = parser.parse_args(argv)
+    args.clock = args.clock or ('cpu' if jax.default_backend() == 'cpu' else 'wall')
+    report = measure(args)
+    text = markdown(report)
+    print(text)
+    if args.out:
+        with open(args.out + '.md', 'w') as f:
+            f.write(text)
+        timing.write_json(args.out + '.json', report)
+
+
+if __name__ == '__main__':
+    main()

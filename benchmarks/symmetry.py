@@ -1,0 +1,138 @@
+"""Benchmark of the symmetry toolkit on the 224x224 Eq. (3) softball@ds model (8.6M parameters).
+
+    python -m benchmarks.symmetry                    # writes benchmarks/symmetry.{md,json}
+    python -m benchmarks.symmetry --batch 8 --reps 5 --out /tmp/symmetry
+
+Times each step of the pipeline, fold -> sample -> act -> verify, in float32 and
+float64 (variables from `qhnet.symmetry.testing.random_variables`, so every BN is
+non-trivial; random N(0, 1) images; float64 under `testing.exact_float64`), round-robin
+over `--reps` repetitions (medians).
+`verify` includes one `act` and two eager forward passes of the inference form. Then
+reports the invariance error (max relative change of the logits) of random admitted
+elements at cond(T) = 1, 10, 100, 1000 against `verify`'s tolerance, and of a
+forbidden one (GL with cond 10 on the O(n) streams) for contrast; and the same for the
+model with activation='identity', whose stage streams admit GL.
+"""
+
+import argparse
+import functools
+
+import jax
+import numpy as np
+
+from benchmarks import timing
+from qhnet import models, params
+from qhnet import symmetry
+from qhnet.symmetry.testing import exact_float64, random_variables
+
+CONDITIONS = (1.0, 10.0, 100.0, 1000.0)
+
+
+def stages(spec, variables, images, dtype) -> dict:
+    """The pipeline's steps as thunks, each on the previous step's (precomputed) output."""
+    form = symmetry.fold(spec, variables, dtype)
+    element = symmetry.sample(spec, jax.random.key(0), cond=10.0)
+    return {
+        'fold': functools.partial(symmetry.fold, spec, variables, dtype),
+        'sample': functools.partial(symmetry.sample, spec, jax.random.key(0), cond=10.0),
+        'act': functools.partial(symmetry.act, spec, form, element),
+        'apply': functools.partial(symmetry.apply, spec, form, images),
+        'verify': functools.partial(symmetry.verify, spec, form, element, images),
+    }
+
+
+def errors(spec, variables, images, dtype) -> list[dict]:
+    """verify's report for admitted elements at each cond(T), and (if the model's streams are
+    not GL) for GL elements, which they do not admit."""
+    form = symmetry.fold(spec, variables, dtype)
+    rows = []
+    for cond in CONDITIONS:
+        element = symmetry.sample(spec, jax.random.key(1), cond=cond)
+        rows.append(dict(symmetry.verify(spec, form, element, images),
+                         element=f'admitted, cond(T) = {cond:g}'))
+    if spec.streams[-1].group != 'GL':
+        forbidden = {s.name: 'GL' for s in spec.streams[1:]}
+        element = symmetry.sample(spec, jax.random.key(1), cond=10.0, group=forbidden, force=True,
+                                  hidden=False)
+        rows.append(dict(symmetry.verify(spec, form, element, images, force=True),
+                         element=f'forbidden: GL, cond(T) = 10, on the {spec.streams[-1].group} '
+                                 'streams'))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--out', default='benchmarks/symmetry')
+    args = parser.parse_args()
+
+    model = models.build(params.row_config('Eq. (3) softball@ds').model)
+    images = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
+    variables = random_variables(model, images.shape)
+    # Unclipped, 16 quadratic blocks overflow unless their updates are smaller.
+    gl_variables = random_variables(model, images.shape, update=(0.05, 0.15))
+    spec = symmetry.group_spec(model)
+    gl_spec = symmetry.group_spec(model.clone(activation='identity'))
+    results = {}
+    for dtype in (np.float32, np.float64):
+        with jax.enable_x64(dtype == np.float64), exact_float64():
+            thunks = stages(spec, variables, images, dtype)
+            times = timing.interleaved(thunks, args.reps)
+            results[np.dtype(dtype).name] = {
+                'seconds': {name: timing.median(t['wall']) for name, t in times.items()},
+                'cpu_seconds': {name: timing.median(t['cpu']) for name, t in times.items()},
+                'spread': {name: timing.spread(t['wall']) for name, t in times.items()},
+                'errors': [dict(r, model='softball@ds')
+                           for r in errors(spec, variables, images, dtype)]
+                + [dict(r, model='identity@ds')
+                   for r in errors(gl_spec, gl_variables, images, dtype)]}
+
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
+    streams = ', '.join(f'{s.name}: {s.group}({s.width})' for s in spec.streams)
+    lines = [
+        '# Symmetry toolkit: fold, sample, act, verify on the 224x224 Eq. (3) softball@ds model',
+        '',
+        f'Device: {timing.device_name()}; load average {timing.load_average()} (a shared machine: '
+        'other processes ran alongside). Command: `python -m benchmarks.symmetry '
+        f'--batch {args.batch} --reps {args.reps}`; revision {timing.git_revision()}.',
+        '',
+        f'Model: {num_params:,} parameters, {len(spec.streams)} streams ({streams}), '
+        f'{len(spec.hidden)} blocks with hidden permutations and scalings. Batch of {args.batch} '
+        'random '
+        'images. Medians of the repetitions: wall-clock seconds (relative spread in brackets) and '
+        'CPU seconds of this process (all threads; less distorted by the other processes). '
+        '`verify` = one `act` + two eager forward passes (`apply`). `fold`, `sample` and `act` '
+        'compute in numpy float64 whatever the form\'s dtype.',
+        '',
+        '| step | float32 wall | float32 CPU | float64 wall | float64 CPU |',
+        '|---|---:|---:|---:|---:|',
+    ]
+    for name in ('fold', 'sample', 'act', 'apply', 'verify'):
+        cells = [f'{results[d]["seconds"][name]:.2f} s ({results[d]["spread"][name]:.0%}) | '
+                 f'{results[d]["cpu_seconds"][name]:.2f} s' for d in ('float32', 'float64')]
+        lines.append(f'| {name} | {" | ".join(cells)} |')
+    lines += ['', 'Invariance: max over the images of |z\' - z|_inf / |z|_inf for the logits z, '
+              'against '
+              '`verify`\'s tolerance 100 eps sqrt(512) kappa, kappa = `condition(element)` '
+              '(the largest cond(T); 1 for scaled permutations). The same '
+              'model with activation=\'identity\' (Eq. (3) identity@ds; BN_o scales of 0.05 to '
+              '0.15 so that it does not overflow) has GL stage streams.', '',
+              '| model | element | kappa | float32 error | float32 tolerance | float64 error | '
+              'float64 tolerance |',
+              '|---|---|---:|---:|---:|---:|---:|']
+    for r32, r64 in zip(results['float32']['errors'], results['float64']['errors']):
+        lines.append(f'| {r32["model"]} | {r32["element"]} | {r32["kappa"]:.3g} | '
+                     f'{r32["error"]:.2e} | {r32["tolerance"]:.1e} | {r64["error"]:.2e} | '
+                     f'{r64["tolerance"]:.1e} |')
+    text = '\n'.join(lines) + '\n'
+    print(text)
+    with open(args.out + '.md', 'w') as f:
+        f.write(text)
+    timing.write_json(args.out + '.json', {
+        'device': timing.device_name(), 'load': timing.load_average(), 'batch': args.batch,
+        'reps': args.reps, 'results': results})
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,72 @@
+"""Trains and evaluates one config; resumes the run already in --workdir, if any.
+
+  python -m qhnet.main --config=configs/eq3_softball.py:fashion_mnist --workdir=/tmp/qhnet-fmnist
+  python -m qhnet.main --config=configs/resnet50.py --workdir=DIR --config.batch_size=256
+
+Multi-host (one process per host, e.g. a TPU pod slice or a GPU cluster): add
+--multihost (or set QHNET_MULTIHOST=1) and start the same command on every host;
+jax.distributed.initialize() then finds the coordinator from the cluster
+environment (TPU, SLURM, Open MPI), or from --coordinator_address,
+--num_processes and --process_id.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from qhnet import data
+from qhnet import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'A config file from configs/, optionally with a dataset variant after a '
+    "colon: 'imagenet100' (default), 'fashion_mnist' or 'digits'.", lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics.jsonl, TensorBoard events, '
+                    'summary.json and curves.png go.')
+flags.DEFINE_bool('multihost', os.environ.get('QHNET_MULTIHOST', '0') not in ('', '0'),
+                  'Call jax.distributed.initialize() before anything else (default from '
+                  'QHNET_MULTIHOST).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --multihost).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --multihost).')
+flags.DEFINE_integer('process_id', None, 'This process (with --multihost).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Drops orbax's INFO records (several per checkpoint); its warnings still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+# Errors that explain themselves: shown without a traceback.
+_USER_ERRORS = (train.ConfigError, data.DatasetNotFoundError, train.IncompatibleWorkdirError,
+                train.TrainingDivergedError)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
+    if FLAGS.multihost:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    logging.info('JAX process %d of %d; %d local and %d global %s devices.', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.default_backend())
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except _USER_ERRORS as error:
+        sys.exit(f'error: {error}')
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,100 @@
+"""Training metrics and events: TensorBoard event files, JSON lines, and a PNG of the curves.
+
+Everything lands in the workdir:
+
+  metrics.jsonl   one JSON object a line: {"step", "split": "train"|"test", <metric>: value}
+                  or {"step", "event": <kind>, "message", ...} for rollbacks, restores, ...
+  tensorboard/    the same scalars as TensorBoard event files
+  curves.png      loss and accuracy against epochs (`plot_curves`)
+"""
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import tensorboardX
+
+METRICS_FILE = 'metrics.jsonl'
+CURVES_FILE = 'curves.png'
+
+
+class MetricWriter:
+    """Writes scalars and events of one process; a disabled writer (other hosts) only logs."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+            self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        self._jsonl.write(json.dumps(record) + '\n')
+        self._jsonl.flush()
+
+    def scalars(self, step: int, split: str, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        values = {name: float(value) for name, value in values.items()}
+        self._append({'step': step, 'split': split, **values, 'time': time.time()})
+        for name, value in values.items():
+            self._tensorboard.add_scalar(f'{split}/{name}', value, step)
+        self._tensorboard.flush()
+
+    def event(self, step: int, kind: str, message: str, *, warning: bool = True,
+              **details: Any) -> None:
+        """Logs an event (rollback, resume, corrupt checkpoint, ...) and records it."""
+        logging.log(logging.WARNING if warning else logging.INFO, '[%s] step %d: %s', kind, step,
+                    message)
+        if not self.enabled:
+            return
+        self._append({'step': step, 'event': kind, 'message': message, **details,
+                      'time': time.time()})
+        self._tensorboard.add_text(f'events/{kind}', message, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+def read_metrics(workdir: str) -> dict[str, list[dict[str, Any]]]:
+    """The scalar records of `metrics.jsonl` by split, sorted by step; when a resumed run
+    repeated steps, the last record of a step wins."""
+    by_split: dict[str, dict[int, dict[str, Any]]] = {}
+    with open(os.path.join(workdir, METRICS_FILE), encoding='utf-8') as lines:
+        for line in lines:
+            record = json.loads(line)
+            if 'split' in record:
+                by_split.setdefault(record['split'], {})[record['step']] = record
+    return {split: [records[step] for step in sorted(records)]
+            for split, records in by_split.items()}
+
+
+def plot_curves(workdir: str, steps_per_epoch: int) -> str:
+    """Draws train/test loss and top-1 accuracy against epochs into `curves.png`."""
+    records = read_metrics(workdir)
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, accuracy_key in (('train', 'accuracy'), ('test', 'top1')):
+        rows = records.get(split, [])
+        epochs = [row['step'] / steps_per_epoch for row in rows]
+        marker = 'o' if split == 'test' else None
+        loss_axes.plot(epochs, [row['loss'] for row in rows], marker=marker, label=split)
+        accuracy_axes.plot(epochs, [100 * row[accuracy_key] for row in rows], marker=marker,
+                           label=f'{split} top-1')
+    loss_axes.set(xlabel='epoch', ylabel='cross-entropy (train: label-smoothed)', title='loss')
+    accuracy_axes.set(xlabel='epoch', ylabel='%', title='top-1 accuracy')
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    path = os.path.join(workdir, CURVES_FILE)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,122 @@
+"""Checks the symmetry on a trained checkpoint and writes a transformed copy of the model.
+
+  python -m qhnet.symmetry verify --workdir=DIR [--output_workdir=DIR/transformed] [--cond=10]
+
+1. Restores the newest checkpoint in --workdir (`qhnet.train.restore_variables`) and
+   folds it (`fold`) in float32, the checkpoint's precision.
+2. Samples a random element of the group the model admits (`group_spec`, every
+   stream's full group) and reports the largest relative change of the logits on the
+   first --num_images test images (`verify`).
+3. Samples an element that keeps identity shortcuts the identity
+   (`tie_identity_shortcuts=True`), verifies it the same way, writes the transformed
+   model as a checkpoint of the same model with `mixing=True` (`unfold`) to
+   --output_workdir, reads it back with `restore_variables`, and evaluates both on the
+   whole test split (`qhnet.train.evaluate`).
+
+It prints a summary and writes it as JSON to <output_workdir>/symmetry.json; the exit
+status is 1 if an element changed the logits by more than its tolerance. The written
+checkpoint holds variables and config only (no optimizer state): evaluate it, do not
+resume training from it.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from qhnet import checkpoints, data, models, train
+from qhnet import symmetry
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A training workdir holding checkpoints.')
+flags.DEFINE_string('output_workdir', None, 'Where the transformed model goes '
+                    '(default: <workdir>/transformed).')
+flags.DEFINE_integer('seed', 0, 'Seed of the random group elements.')
+flags.DEFINE_float('cond', 10.0, 'Condition number of the GL and scaled-permutation elements '
+                   'and of the hidden-channel scales.')
+flags.DEFINE_integer('num_images', 256, 'Test images on which the logits are compared.')
+flags.mark_flag_as_required('workdir')
+
+
+def test_images(config, count: int) -> np.ndarray:
+    """The first `count` images of the test split (fewer if the split is smaller)."""
+    batch = next(iter(data.make_iterator(config.data, 'test', batch_size=count, seed=config.seed,
+                                         train=False)))
+    return batch['image'][batch['mask'] > 0]
+
+
+def newest_step(workdir: str) -> int:
+    store = checkpoints.CheckpointStore(workdir, read_only=True)
+    try:
+        return store.steps()[0]
+    finally:
+        store.close()
+
+
+def check(spec, form, images, key) -> tuple[dict, dict]:
+    """(element, verify's report) for a random element of `spec`'s groups."""
+    element = symmetry.sample(spec, key, cond=FLAGS.cond)
+    return element, symmetry.verify(spec, form, element, images)
+
+
+def run(workdir: str, output_workdir: str) -> dict:
+    config, variables = train.restore_variables(workdir)
+    model = models.build(config.model)
+    images = test_images(config, FLAGS.num_images)
+    full, tied = symmetry.group_spec(model), symmetry.group_spec(model, tie_identity_shortcuts=True)
+    form = symmetry.fold(full, variables)
+    keys = jax.random.split(jax.random.key(FLAGS.seed))
+    _, full_report = check(full, form, images, keys[0])
+    element, tied_report = check(tied, form, images, keys[1])
+    moved = symmetry.unfold(tied, symmetry.act(tied, form, element))
+
+    moved_config = config.copy_and_resolve_references()
+    moved_config.model.mixing = True
+    step = newest_step(workdir)
+    store = checkpoints.CheckpointStore(output_workdir)
+    try:
+        store.save(step, moved, {'step': np.asarray(step)}, moved_config)
+        store.wait()
+    finally:
+        store.close()
+    reloaded_config, reloaded = train.restore_variables(output_workdir)
+    return {
+        'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
+        'num_images': int(len(images)),
+        'streams': str(full), 'tied_streams': str(tied),
+        'full_group': full_report, 'tied_group': tied_report,
+        'evaluation': {'original': train.evaluate(config, variables),
+                       'transformed': train.evaluate(reloaded_config, reloaded)},
+    }
+
+
+def main(argv: list[str]) -> None:
+    if argv[1:] != ['verify']:
+        raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR; '
+                             f'got {argv[1:]}')
+    output_workdir = FLAGS.output_workdir or os.path.join(FLAGS.workdir, 'transformed')
+    summary = run(FLAGS.workdir, output_workdir)
+    with open(os.path.join(output_workdir, 'symmetry.json'), 'w') as f:
+        json.dump(summary, f, indent=2, default=float)
+    print(f'streams of the full group:\n{summary["streams"]}\n'
+          f'tied across identity shortcuts (written):\n{summary["tied_streams"]}')
+    for name in ('full_group', 'tied_group'):
+        r = summary[name]
+        print(f'{name}: max relative change of the logits {r["error"]:.2e} '
+              f'(tolerance {r["tolerance"]:.2e}, kappa {r["kappa"]:.3g}) on '
+              f'{summary["num_images"]} test images: '
+              + ('invariant' if r['invariant'] else 'NOT INVARIANT'))
+    for name, result in summary['evaluation'].items():
+        print(f'{name:>11}: top1 {result["top1"]:.4f}  top5 {result["top5"]:.4f}  '
+              f'loss {result["loss"]:.4f}')
+    print(f'wrote the transformed model (mixing=True) to {output_workdir}')
+    if not (summary['full_group']['invariant'] and summary['tied_group']['invariant']):
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,304 @@
+"""The inference form of a QHNet: every BatchNorm folded into its neighbours (DESIGN.md section 3).
+
+A BatchNorm with running statistics is the affine map BN(x) = x s + t, per channel, with
+
+    s = gamma / sqrt(var + eps),   t = beta - mean * s        (RepVGG's fold).
+
+Channels are row vectors (NHWC), so a 1x1 conv or Dense is u -> u W with W: (in, out).
+`sub(u)` is u[:, ::stride, ::stride] (a strided 1x1 conv), K_s the depthwise 3x3 conv with
+the block's stride. After folding, the blocks read
+
+    Eq. (3): q(u) = [ (sub(u) C) * (K_s(u E) + d) ] A + a
+    Eq. (4): q(u) = [ (sub(u) C) * ((K_s(u E) + d) A) ] E_out + a    (E: only without sharing)
+    Eq. (5): q(u) = sum_groups[ (sub(u) C) * (K_s(u E) + d) ] E_out + a
+    Eq. (6): q(u) = K_s((u E) * (u C)) A + a
+    Eq. (7): q(u) = K_s((u C) * repeat_m(u E)) A + a
+    y = act(sub(u) S + b + q(u))
+
+with keys coef = C, derivative = K, derivative_bias = d, mix_in = E, combine = A,
+mix_out = E_out, out_bias = a, shortcut = S, shortcut_bias = b. The folds:
+
+- BN_d followed by a product (Eqs. 3, 5):
+  (sub(u) C) * (K u s_d + t_d) = (sub(u) C s_d) * (K u + t_d / s_d),
+  so C <- C diag(s_d), d = t_d / s_d (this needs s_d != 0; a zero scale is refused).
+- BN_d followed by A (Eq. 4): (K u s_d + t_d) A = (K u + t_d / s_d) diag(s_d) A,
+  so A <- diag(s_d) A, d = t_d / s_d.
+  (Eqs. 6, 7): A <- diag(s_d) A diag(s_o), a = t_d A diag(s_o) + t_o, no division.
+- BN_o into the last linear map: A <- A diag(s_o) (Eqs. 3, 6, 7), E_out <- E_out diag(s_o)
+  (Eqs. 4, 5), a = t_o.
+- A projection shortcut BN(sub(u) W): S = W diag(s), b = t; the identity shortcut: S = I, b = 0.
+- The stem BN into the stem conv: kernel <- kernel * s (output axis), bias = t.
+- Mixing maps E, E_out are explicit always: the Flax model's `mix_in`/`mix_out`, or the identity.
+  The coefficient factor needs no bias: no BN follows C, so it would be zero in every fold.
+
+Folding runs in float64 in numpy (exact enough to match the Flax model to 1e-10 in
+float64) and casts the result to `dtype` once. `apply` is the pure forward pass of a form;
+`unfold` writes a form back as variables of the Flax model with `mixing=True`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qhnet import activations
+from qhnet.derivative import per_channel_kernel
+from qhnet.symmetry.structure import Block, Structure
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def uses_mix_in(structure: Structure) -> bool:
+    """Eq. (4) with weight sharing needs no E: K commutes with channel mixing (DESIGN.md s. 3)."""
+    return not (structure.equation == 4 and structure.weight_sharing)
+
+
+def block_keys(structure: Structure) -> tuple[str, ...]:
+    """The arrays of one block's inference form."""
+    keys = {3: ('coef', 'derivative', 'derivative_bias', 'mix_in', 'combine', 'out_bias'),
+            4: ('coef', 'derivative', 'derivative_bias', 'mix_in', 'combine', 'mix_out',
+                'out_bias'),
+            5: ('coef', 'derivative', 'derivative_bias', 'mix_in', 'mix_out', 'out_bias'),
+            6: ('coef', 'mix_in', 'derivative', 'combine', 'out_bias'),
+            7: ('coef', 'mix_in', 'derivative', 'combine', 'out_bias')}[structure.equation]
+    if not uses_mix_in(structure):
+        keys = tuple(k for k in keys if k != 'mix_in')
+    return keys + ('shortcut', 'shortcut_bias')
+
+
+# Folding.
+
+def _read(tree, *path: str) -> np.ndarray:
+    for key in path:
+        tree = tree[key]
+    return np.asarray(tree, dtype=np.float64)
+
+
+def _batch_norm(structure: Structure, variables, *path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) with BN(x) = x s + t in eval mode."""
+    gamma = _read(variables, 'params', *path, 'scale')
+    beta = _read(variables, 'params', *path, 'bias')
+    mean = _read(variables, 'batch_stats', *path, 'mean')
+    var = _read(variables, 'batch_stats', *path, 'var')
+    s = gamma / np.sqrt(var + structure.epsilon('/'.join(path)))
+    return s, beta - mean * s
+
+
+def _derivative_bias(block: Block, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """d = t / s, for the fold (C u) * (K u s + t) = (C u s) * (K u + t / s)."""
+    zero = np.flatnonzero(s == 0)
+    if zero.size:
+        raise ValueError(
+            f'{block.name}/derivative_bn has scale 0 in channels {zero.tolist()}: folding BN_d '
+            'into the product, (Cu) * (s Ku + t) = (s Cu) * (Ku + t/s), needs s != 0. Set those '
+            'BN scales to a tiny nonzero value (the function changes by at most that much) and '
+            'fold again')
+    return t / s
+
+
+def _fold_block(structure: Structure, variables, block: Block) -> dict[str, np.ndarray]:
+    name, eq, n, n_out = block.name, structure.equation, block.n_in, block.n_out
+
+    def matrix(key):  # a 1x1 conv or Dense kernel as an (in, out) matrix
+        kernel = _read(variables, 'params', name, key, 'kernel')
+        return kernel.reshape(kernel.shape[-2:])
+
+    def mixing(key, size):  # the Flax model's mixing map, or the identity when it has none
+        return matrix(key) if structure.mixing else np.eye(size)
+
+    s_d, t_d = _batch_norm(structure, variables, name, 'derivative_bn')
+    s_o, t_o = _batch_norm(structure, variables, name, 'out_bn')
+    form = {'coef': matrix('coef'),
+            'derivative': _read(variables, 'params', name, 'derivative', 'kernel')}
+    if uses_mix_in(structure):
+        form['mix_in'] = mixing('mix_in', n)
+    if eq in (3, 5):
+        form['coef'] = form['coef'] * s_d
+        form['derivative_bias'] = _derivative_bias(block, s_d, t_d)
+    if eq == 3:
+        form['combine'] = matrix('combine') * s_o
+    if eq == 4:
+        form['derivative_bias'] = _derivative_bias(block, s_d, t_d)
+        form['combine'] = s_d[:, None] * matrix('combine')
+    if eq in (4, 5):
+        form['mix_out'] = mixing('mix_out', n_out) * s_o
+    if eq in (6, 7):
+        combine = matrix('combine')
+        form['combine'] = s_d[:, None] * combine * s_o
+        form['out_bias'] = (t_d @ combine) * s_o + t_o
+    else:
+        form['out_bias'] = t_o
+    if block.projection:
+        s, t = _batch_norm(structure, variables, name, 'shortcut_bn')
+        form['shortcut'], form['shortcut_bias'] = matrix('shortcut') * s, t
+    else:
+        form['shortcut'], form['shortcut_bias'] = np.eye(n), np.zeros(n)
+    return {key: form[key] for key in block_keys(structure)}
+
+
+def _check_variables(structure: Structure, variables) -> None:
+    """Every variable the model has, with the shape it has (`Structure.variable_shapes`)."""
+    for path, shape in structure.variable_shapes:
+        node = variables
+        for key in path.split('/'):
+            if not hasattr(node, 'keys') or key not in node:
+                raise ValueError(f'the variables do not match the model: {path} is missing; fold '
+                                 'the variables the model was initialised or trained with')
+            node = node[key]
+        if len(node.shape) != len(shape) or any(
+                s is not None and s != t for s, t in zip(shape, node.shape)):
+            raise ValueError(f'the variables do not match the model: {path} has shape '
+                             f'{node.shape}, the model needs {shape}; fold the variables the model '
+                             'was initialised or trained with')
+
+
+def fold(spec, variables, dtype=np.float32) -> dict:
+    """The inference form (nested dicts of numpy arrays of `dtype`) of a QHNet's variables.
+
+    `spec` = `group_spec(model)`; `variables` = {'params', 'batch_stats'} as `model.init` or
+    training returns them.
+    """
+    structure = spec.structure
+    _check_variables(structure, variables)
+    s, t = _batch_norm(structure, variables, 'stem_bn')
+    form = {'stem': {'kernel': _read(variables, 'params', 'stem_conv', 'kernel') * s, 'bias': t}}
+    for block in structure.blocks:
+        form[block.name] = _fold_block(structure, variables, block)
+    form['head'] = {'kernel': _read(variables, 'params', 'head', 'kernel'),
+                    'bias': _read(variables, 'params', 'head', 'bias')}
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), form)
+
+
+# The pure forward pass.
+
+def form_dtype(form) -> np.dtype:
+    """The floating dtype of a form (all its arrays share it)."""
+    dtypes = {np.dtype(x.dtype) for x in jax.tree_util.tree_leaves(form)}
+    if len(dtypes) != 1:
+        raise ValueError(f'a form holds arrays of one dtype; got {sorted(map(str, dtypes))}')
+    return dtypes.pop()
+
+
+def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.dot(x, w, precision=HIGHEST)
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """`qhnet.derivative.depthwise_conv` at HIGHEST precision: XLA's CPU grouped convolution
+    otherwise rounds float64 through float32 (errors ~1e-7)."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=((1, 1), (1, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1],
+        precision=HIGHEST)
+
+
+def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> jax.Array:
+    """q(u) from the block's inference form (module docstring)."""
+    m, stride, eq = structure.multiplier, block.stride, structure.equation
+    sub = u[:, ::stride, ::stride]
+
+    def derivative(x):  # K_s: expand n -> nm channels, or (Eq. 7) one kernel per channel
+        outputs = x.shape[-1] * (1 if eq == 7 else m)
+        return _depthwise(x, per_channel_kernel(p['derivative'], outputs), stride)
+
+    if eq == 4:
+        stream = _dense(u, p['mix_in']) if 'mix_in' in p else u
+        factor = _dense(derivative(stream) + p['derivative_bias'], p['combine'])
+        return _dense(_dense(sub, p['coef']) * factor, p['mix_out']) + p['out_bias']
+    if eq in (3, 5):
+        derivatives = derivative(_dense(u, p['mix_in'])) + p['derivative_bias']
+        product = _dense(sub, p['coef']) * derivatives
+        if eq == 3:
+            return _dense(product, p['combine']) + p['out_bias']
+        groups, pixels = block.n_out // block.n_in, product.shape[:-1]
+        summed = product.reshape(*pixels, block.n_in, groups, m // groups).sum(axis=-1)
+        return _dense(summed.reshape(*pixels, block.n_out), p['mix_out']) + p['out_bias']
+    if eq == 6:
+        product = _dense(u, p['mix_in']) * _dense(u, p['coef'])
+    else:
+        product = _dense(u, p['coef']) * jnp.repeat(_dense(u, p['mix_in']), m, axis=-1)
+    return _dense(derivative(product), p['combine']) + p['out_bias']
+
+
+def apply(spec, form: dict, images: jax.Array) -> jax.Array:
+    """Logits of the inference form on NHWC `images`, computed in the form's dtype.
+
+    Equals `model.apply(variables, images, train=False)` for `form = fold(spec, variables)`.
+    """
+    structure = spec.structure
+    dtype = form_dtype(form)
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError('a float64 form needs 64-bit JAX: run inside `with jax.enable_x64(True):` '
+                         "or set jax.config.update('jax_enable_x64', True)")
+    form = jax.tree_util.tree_map(jnp.asarray, form)
+    x = jax.lax.conv_general_dilated(
+        jnp.asarray(images, dtype), form['stem']['kernel'], window_strides=structure.stem_stride,
+        padding=structure.stem_padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=HIGHEST)
+    x = nn.relu(x + form['stem']['bias'])
+    if structure.stem_pool:
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for block in structure.blocks:
+        p = form[block.name]
+        shortcut = _dense(x[:, ::block.stride, ::block.stride], p['shortcut']) + p['shortcut_bias']
+        x = activations.get(block.activation)(shortcut + _block_update(structure, block, p, x))
+    pooled = jnp.mean(x, axis=(1, 2))
+    return _dense(pooled, form['head']['kernel']) + form['head']['bias']
+
+
+# Back to the Flax model.
+
+def _identity_bn(structure: Structure, path: str, bias: np.ndarray):
+    """BN params and statistics with BN(x) = x + bias: scale 1, mean 0, var = 1 - eps."""
+    n = bias.shape[0]
+    return ({'scale': np.ones(n), 'bias': bias},
+            {'mean': np.zeros(n), 'var': np.full(n, 1.0 - structure.epsilon(path))})
+
+
+def unfold(spec, form: dict, dtype=np.float32) -> dict:
+    """Variables of the Flax model with `mixing=True` that compute the form's function.
+
+    Every BN becomes x -> x + bias (scale 1, mean 0, var 1 - eps). The Flax model has no
+    parameter for an identity shortcut, so a form whose identity-shortcut blocks hold a
+    map other than the identity (an element that changes basis across such a block) is
+    refused; sample from `group_spec(model, tie_identity_shortcuts=True)` to avoid them.
+    """
+    structure = spec.structure
+
+    def conv(w):
+        return w.reshape(1, 1, *w.shape)
+
+    params, stats = {}, {}
+    params['stem_conv'] = {'kernel': form['stem']['kernel']}
+    params['stem_bn'], stats['stem_bn'] = _identity_bn(structure, 'stem_bn', form['stem']['bias'])
+    for block in structure.blocks:
+        p, name = form[block.name], block.name
+        bn_d = p['derivative_bias'] if 'derivative_bias' in p else np.zeros(p['combine'].shape[0])
+        bp, bs = {}, {}
+        bp['coef'] = {'kernel': conv(p['coef'])}
+        bp['derivative'] = {'kernel': p['derivative']}
+        bp['derivative_bn'], bs['derivative_bn'] = _identity_bn(
+            structure, f'{name}/derivative_bn', bn_d)
+        for key in ('mix_in', 'mix_out'):
+            if key in p:
+                bp[key] = {'kernel': p[key]}
+        if 'combine' in p:
+            bp['combine'] = {'kernel': conv(p['combine'])}
+        bp['out_bn'], bs['out_bn'] = _identity_bn(structure, f'{name}/out_bn', p['out_bias'])
+        if block.projection:
+            bp['shortcut'] = {'kernel': conv(p['shortcut'])}
+            bp['shortcut_bn'], bs['shortcut_bn'] = _identity_bn(
+                structure, f'{name}/shortcut_bn', p['shortcut_bias'])
+        else:
+            deviation = max(np.abs(p['shortcut'] - np.eye(block.n_in)).max(),
+                            np.abs(p['shortcut_bias']).max())
+            if deviation > 1e-6:
+                raise ValueError(
+                    f'{name} has a parameter-free identity shortcut in the Flax model, but the '
+                    f'form holds a different map there (max deviation {deviation:.2e}): the group '
+                    'element changes basis across this block. Sample from group_spec(model, '
+                    'tie_identity_shortcuts=True) to keep such shortcuts the identity')
+        params[name], stats[name] = bp, bs
+    params['head'] = dict(form['head'])
+    variables = {'params': params, 'batch_stats': stats}
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), variables)

@@ -1,0 +1,417 @@
+"""The symmetry toolkit (`qhnet.symmetry`): fold, group_spec, sample, act, inverse, verify, unfold.
+
+Every Table 1 architecture x activation x placement runs on real digits through the
+small-input variant; the full 224x224 Eq. (3) softball@ds model on random images is
+marked slow. Variables come from `random_variables` (non-trivial BN: a fresh model's BN_o
+scale of zero would make every block invisible and these tests vacuous).
+
+Tolerances: the fold matches the Flax model to 1e-5 (float32) and 1e-10 (float64);
+admitted elements change the logits by at most 1e-9 in float64, and in float32 by at most
+100 * eps(float32) * sqrt(width) * kappa (`invariance_tolerance`), with width the widest
+stream (32 here, 512 at 224x224) and kappa = `condition(element)`: the largest cond(T),
+where permutations times diagonals count 1. Negative controls must change the logits by
+more than 1e-3.
+
+Float64 runs under `testing.exact_float64` until the model code keeps float64 in float64
+(the balls' mean square and the derivative K round through float32). The Flax model
+casts its logits to float32, so float64 fold checks compare the head's output captured
+before that cast.
+"""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from qhnet import models, params
+from qhnet import symmetry
+from qhnet.symmetry import groups
+from qhnet.symmetry import testing
+from qhnet.symmetry.testing import random_variables
+from tests.conftest import resize_images
+
+EPS32 = float(np.finfo(np.float32).eps)
+ACTIVATIONS = ('relu', 'hardtanh', 'hardball', 'softball', 'identity')
+PLACEMENTS = ('ds', 'all')
+SMALL = dict(stem='small', widths=(8, 16, 32), depths=(2, 2, 1), num_classes=10)
+ARCHITECTURE_FIELDS = ('equation', 'weight_sharing', 'multiplier')
+
+
+def table1_architectures() -> dict[str, dict]:
+    """The distinct QHNet block architectures of Table 1: equation, weight sharing, multiplier."""
+    found = {}
+    for row in params.TABLE1:
+        model_config = params.row_config(row).model
+        if model_config.name == 'qhnet':
+            fields = {key: model_config[key] for key in ARCHITECTURE_FIELDS}
+            name = f'eq{fields["equation"]}' + ('' if fields['weight_sharing'] else '_nows') + \
+                (f'_x{fields["multiplier"]}' if fields['multiplier'] != 4 else '')
+            found[name] = fields
+    return found
+
+
+ARCHITECTURES = table1_architectures()
+
+
+@pytest.fixture(autouse=True)
+def exact_float64():
+    """Float64 stays float64 in the model code (a workaround; see `testing.exact_float64`)."""
+    with testing.exact_float64():
+        yield
+
+
+@pytest.fixture(scope='module')
+def images(digits) -> np.ndarray:
+    """16 real digits, upsampled to 16x16: stages at 16, 8 and 4 pixels."""
+    return np.asarray(resize_images(digits[0][:16], 16, 1))
+
+
+def small_model(architecture: str, activation: str = 'softball', placement: str = 'ds',
+                **overrides):
+    config = default.model_config()
+    config.update(dict(ARCHITECTURES[architecture], activation=activation, placement=placement,
+                       **SMALL, **overrides))
+    return models.build(config)
+
+
+def flax_logits(model, variables, images, dtype=np.float32) -> np.ndarray:
+    """The Flax model in eval mode; in float64, the head's output before the float32 cast."""
+    if dtype == np.float32:
+        return np.asarray(model.apply(variables, images, train=False))
+    variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), variables)
+    _, state = model.clone(dtype=jnp.float64).apply(
+        variables, jnp.asarray(images, jnp.float64), train=False, capture_intermediates=True,
+        mutable=['intermediates'])
+    return np.asarray(state['intermediates']['head']['__call__'][0])
+
+
+def float32_tolerance(spec, kappa: float) -> float:
+    """100 eps(float32) sqrt(width) kappa, stated here rather than read from the toolkit."""
+    return 100 * EPS32 * np.sqrt(max(s.width for s in spec.streams)) * kappa
+
+
+def relative(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def make_case(architecture, activation='softball', placement='ds', image_shape=(16, 16, 16, 1),
+              **overrides):
+    model = small_model(architecture, activation, placement, **overrides)
+    variables = random_variables(model, image_shape, seed=0)
+    return model, variables, symmetry.group_spec(model)
+
+
+# The claim: every architecture, activation and placement.
+
+@pytest.mark.parametrize('placement', PLACEMENTS)
+@pytest.mark.parametrize('activation', ACTIVATIONS)
+@pytest.mark.parametrize('architecture', sorted(ARCHITECTURES))
+def test_fold_and_invariance(images, architecture, activation, placement):
+    model, variables, spec = make_case(architecture, activation, placement)
+    form32 = symmetry.fold(spec, variables)
+    logits32 = symmetry.apply(spec, form32, images)
+    assert relative(logits32, flax_logits(model, variables, images)) <= 1e-5
+    element = symmetry.sample(spec, jax.random.key(1), cond=10.0)
+    with jax.enable_x64(True):
+        form64 = symmetry.fold(spec, variables, np.float64)
+        logits64 = symmetry.apply(spec, form64, images)
+        assert relative(logits64, flax_logits(model, variables, images, np.float64)) <= 1e-10
+        result = symmetry.verify(spec, form64, element, images)
+    assert result['error'] <= 1e-9 and result['invariant'], result
+    result = symmetry.verify(spec, form32, element, images)
+    assert result['error'] <= float32_tolerance(spec, result['kappa']), result
+    assert result['invariant']
+
+
+@pytest.mark.parametrize('activation', ['identity', 'relu'])
+def test_float32_error_is_bounded_by_condition_number(images, activation):
+    """cond(T) from 1 to 1000. GL streams (identity): kappa = cond(T); scaled permutations (relu)
+    round nothing beyond eps: kappa = 1."""
+    _, variables, spec = make_case('eq3', activation)
+    form = symmetry.fold(spec, variables)
+    for cond in (1.0, 10.0, 100.0, 1000.0):
+        element = symmetry.sample(spec, jax.random.key(2), cond=cond)
+        kappa = symmetry.condition(element)
+        assert kappa == pytest.approx(cond if activation == 'identity' else 1.0)
+        result = symmetry.verify(spec, form, element, images)
+        assert result['error'] <= float32_tolerance(spec, kappa) and result['invariant'], result
+
+
+def test_mixing_model_and_hidden_symmetries_alone(images):
+    """A model with trained (non-identity) mixing maps; streams alone and hidden channels alone."""
+    _, variables, spec = make_case('eq5', 'softball', 'all', mixing=True)
+    assert not np.allclose(variables['params']['stage1_block1']['mix_in']['kernel'], np.eye(8))
+    element = symmetry.sample(spec, jax.random.key(3), cond=10.0)
+    with jax.enable_x64(True):
+        form = symmetry.fold(spec, variables, np.float64)
+        for part in ({'streams': element['streams']}, {'hidden': element['hidden']}):
+            assert symmetry.verify(spec, form, part, images)['error'] <= 1e-9
+
+
+@pytest.mark.slow
+def test_full_size_eq3_softball():
+    """The paper's main model at 224x224, on 2 random images."""
+    model = models.build(params.row_config('Eq. (3) softball@ds').model)
+    images = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    variables = random_variables(model, images.shape)
+    spec = symmetry.group_spec(model)
+    form32 = symmetry.fold(spec, variables)
+    logits32 = symmetry.apply(spec, form32, images)
+    assert relative(logits32, flax_logits(model, variables, images)) <= 1e-5
+    element = symmetry.sample(spec, jax.random.key(0), cond=10.0)
+    with jax.enable_x64(True):
+        result = symmetry.verify(spec, symmetry.fold(spec, variables, np.float64), element, images)
+    assert result['error'] <= 1e-9, result
+    result = symmetry.verify(spec, form32, element, images)
+    assert result['error'] <= float32_tolerance(spec, result['kappa']), result
+
+
+# The spec, derived from the model.
+
+def test_streams_follow_the_activations():
+    spec = symmetry.group_spec(small_model('eq3', 'softball', 'ds'))
+    assert [(s.name, s.width, s.group) for s in spec.streams] == [
+        ('stem', 8, 'scaled_permutation'), ('stage1_block1', 8, 'O'), ('stage2_block1', 16, 'O'),
+        ('stage3_block1', 32, 'O')]
+    assert spec.streams[2].blocks == ('stage2_block1', 'stage2_block2')
+    relu_all = symmetry.group_spec(small_model('eq3', 'relu', 'all'))
+    blocks = [b.name for b in relu_all.structure.blocks]
+    assert [s.name for s in relu_all.streams] == ['stem'] + blocks
+    assert {s.group for s in relu_all.streams} == {'scaled_permutation'}
+    # With activation='identity' the carriers of the (identity) activation still start streams.
+    identity = symmetry.group_spec(small_model('eq3', 'identity', 'ds'))
+    assert [(s.name, s.group) for s in identity.streams] == [
+        ('stem', 'scaled_permutation'), ('stage1_block1', 'GL'), ('stage2_block1', 'GL'),
+        ('stage3_block1', 'GL')]
+
+
+def test_tied_streams_keep_identity_shortcuts():
+    """Tied across identity shortcuts, streams merge and their group is the intersection."""
+    tied = symmetry.group_spec(small_model('eq3', 'softball', 'ds'), tie_identity_shortcuts=True)
+    assert [(s.name, s.group, s.blocks) for s in tied.streams] == [
+        ('stem', 'permutation', ('stage1_block1', 'stage1_block2')),
+        ('stage2_block1', 'O', ('stage2_block1', 'stage2_block2')),
+        ('stage3_block1', 'O', ('stage3_block1',))]
+    relu = symmetry.group_spec(small_model('eq3', 'relu', 'all'), tie_identity_shortcuts=True)
+    assert [(s.name, s.group) for s in relu.streams] == [
+        ('stem', 'scaled_permutation'), ('stage2_block1', 'scaled_permutation'),
+        ('stage3_block1', 'scaled_permutation')]
+    assert groups.meet('O', 'scaled_permutation') == 'permutation'
+    assert groups.meet('GL', 'signed_permutation') == 'signed_permutation'
+
+
+@pytest.mark.parametrize('row', [row for row in params.TABLE1 if 'Eq.' in row])
+def test_spec_of_every_table1_row(row):
+    model_config = params.row_config(row).model
+    spec = symmetry.group_spec(model_config)
+    repeats = model_config.depths if model_config.placement == 'all' else (1, 1, 1, 1)
+    widths = [w for w, r in zip((64, 128, 256, 512), repeats) for _ in range(r)]
+    assert [s.width for s in spec.streams] == [64] + widths
+    assert [s.group for s in spec.streams] == ['scaled_permutation'] + (len(spec.streams) - 1) * [
+        symmetry.ADMITTED[model_config.activation]]
+    assert len(spec.hidden) == sum(model_config.depths) == len(spec.structure.blocks)
+
+
+@pytest.mark.parametrize('architecture', sorted(ARCHITECTURES))
+def test_spec_covers_every_axis(architecture):
+    """Every matrix axis and bias of the form is moved by a stream or a hidden symmetry, and each
+    entry's axis has the size the spec says (Git Re-Basin's lesson: specs must match the model)."""
+    _, variables, spec = make_case(architecture, 'softball', 'ds')
+    form = symmetry.fold(spec, variables)
+    covered = set()
+    for stream in spec.streams:
+        for e in stream.entries:
+            assert form[e.path[0]][e.path[1]].shape[e.axis] == stream.width * e.repeat, e
+            covered.add((*e.path, e.axis))
+    for hidden in spec.hidden:
+        for e in hidden.entries:
+            size = form[e.path[0]][e.path[1]].shape[e.axis]
+            assert size % hidden.size == 0 and (e.power == 0 or size % hidden.scale_size == 0), e
+            covered.add((*e.path, e.axis))
+    expected = {(layer, key, axis) for layer, arrays in form.items() for key, x in arrays.items()
+                if x.ndim <= 2 for axis in range(x.ndim)}
+    expected -= {('head', 'kernel', 1), ('head', 'bias', 0)}
+    assert expected <= covered, expected - covered
+
+
+def test_baselines_are_refused():
+    with pytest.raises(ValueError, match='covers QHNet models'):
+        symmetry.group_spec(params.row_config('ResNet50').model)
+
+
+# Negative controls: elements outside the admitted group must change the logits.
+
+def break_streams(spec, element, matrix):
+    """The element with every activation-started stream's T replaced by matrix(T, n)."""
+    streams = {name: (t if name == 'stem' else matrix(t, t.shape[0]))
+               for name, t in element['streams'].items()}
+    return {'streams': streams}
+
+
+@pytest.mark.parametrize('activation,group', [('relu', 'O'), ('hardtanh', 'O'), ('softball', 'GL'),
+                                              ('hardball', 'GL')])
+def test_groups_the_activation_does_not_admit_change_the_logits(images, activation, group):
+    _, variables, spec = make_case('eq3', activation, 'ds')
+    groups_asked = {s.name: group for s in spec.streams[1:]}
+    with pytest.raises(ValueError, match='does not contain'):
+        symmetry.sample(spec, jax.random.key(0), group=groups_asked)
+    element = symmetry.sample(spec, jax.random.key(0), cond=10.0, group=groups_asked, force=True,
+                              hidden=False)
+    with jax.enable_x64(True):
+        form = symmetry.fold(spec, variables, np.float64)
+        with pytest.raises(ValueError, match='is not in'):
+            symmetry.act(spec, form, element)
+        result = symmetry.verify(spec, form, element, images, force=True)
+    assert result['error'] > 1e-3 and not result['invariant'], result
+
+
+@pytest.mark.parametrize('activation', ['relu', 'softball'])
+def test_admitted_element_in_the_wrong_basis_changes_the_logits(images, activation):
+    """B^-1 T B for an admitted T: the same group, but acting in another basis of the stream."""
+    _, variables, spec = make_case('eq3', activation, 'ds')
+    rng = np.random.default_rng(0)
+    element = symmetry.sample(spec, jax.random.key(0), hidden=False)
+
+    def conjugate(t, n):
+        basis = groups.sample_matrix(rng, 'GL', n, cond=10.0)
+        return np.linalg.solve(basis, t @ basis)
+
+    with jax.enable_x64(True):
+        form = symmetry.fold(spec, variables, np.float64)
+        wrong = break_streams(spec, element, conjugate)
+        result = symmetry.verify(spec, form, wrong, images, force=True)
+    assert result['error'] > 1e-3, result
+
+
+# Round trips.
+
+@pytest.mark.parametrize('architecture', sorted(ARCHITECTURES))
+def test_act_then_inverse_returns_the_form(architecture):
+    _, variables, spec = make_case(architecture, 'identity', 'all')
+    element = symmetry.sample(spec, jax.random.key(4), cond=100.0)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        np.allclose, symmetry.inverse(symmetry.inverse(element)), element))
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
+        form = symmetry.fold(spec, variables, dtype)
+        moved = symmetry.act(spec, form, element)
+        back = symmetry.act(spec, moved, symmetry.inverse(element))
+        for layer in form:
+            for key in form[layer]:
+                assert back[layer][key].dtype == dtype
+                scale = np.abs(form[layer][key]).max()
+                np.testing.assert_allclose(back[layer][key], form[layer][key], rtol=0,
+                                           atol=tol * scale, err_msg=f'{layer}/{key}')
+        assert relative(moved['stage1_block2']['coef'], form['stage1_block2']['coef']) > 0.1
+
+
+def test_trained_model_transformed_saved_and_reloaded(digits):
+    """Train a few steps, transform by a tied element, write it as Flax variables of the mixing
+    model, save and reload: the same predictions, the same accuracy."""
+    images, labels = jnp.asarray(digits[0][:512]), jnp.asarray(digits[1][:512])
+    model = small_model('eq3', 'softball', 'ds')
+    variables = model.init(jax.random.key(0), images[:2], train=False)
+    optimizer = optax.sgd(0.2, momentum=0.9)
+
+    @jax.jit
+    def step(variables, opt_state, batch):
+        def loss_fn(p):
+            logits, updates = model.apply({**variables, 'params': p}, images[batch], train=True,
+                                          mutable=['batch_stats'])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels[batch]).mean()
+            return loss, updates
+        (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+        changes, opt_state = optimizer.update(grads, opt_state)
+        return {'params': optax.apply_updates(variables['params'], changes), **updates}, opt_state
+
+    opt_state = optimizer.init(variables['params'])
+    for i in range(15):
+        variables, opt_state = step(variables, opt_state, np.arange(128) + 128 * (i % 4))
+
+    spec = symmetry.group_spec(model, tie_identity_shortcuts=True)
+    element = symmetry.sample(spec, jax.random.key(5), cond=10.0)
+    moved = symmetry.unfold(spec, symmetry.act(spec, symmetry.fold(spec, variables), element))
+    reloaded = flax.serialization.msgpack_restore(flax.serialization.msgpack_serialize(moved))
+
+    mixing_model = model.clone(mixing=True)
+    before = np.asarray(model.apply(variables, images, train=False))
+    after = np.asarray(mixing_model.apply(reloaded, images, train=False))
+    assert relative(after, before) <= float32_tolerance(spec, symmetry.condition(element))
+    accuracy = lambda logits: float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
+    np.testing.assert_array_equal(np.argmax(after, -1), np.argmax(before, -1))
+    assert accuracy(after) == accuracy(before) > 0.3
+
+
+# Bad input is refused with a message that names the problem.
+
+@pytest.fixture(scope='module')
+def identity_model():
+    model = small_model('eq3', 'identity', 'ds')
+    variables = random_variables(model, (16, 16, 16, 1))
+    spec = symmetry.group_spec(model)
+    return spec, variables, symmetry.fold(spec, variables)
+
+
+def with_stream(element, name, t):
+    return {'streams': {**element['streams'], name: t}, 'hidden': element['hidden']}
+
+
+def with_hidden(block, perm, scale):
+    return {'streams': {}, 'hidden': {block: {'perm': perm, 'scale': scale}}}
+
+
+def test_bad_elements_are_refused(identity_model):
+    spec, _, form = identity_model
+    element = symmetry.sample(spec, jax.random.key(0))
+    singular = np.eye(8)
+    singular[3] = singular[2]
+    rng = np.random.default_rng(0)
+    cases = [
+        (with_stream(element, 'stage1_block1', singular), 'singular'),
+        (with_stream(element, 'stage1_block1', np.eye(16)), 'must be 8 x 8'),
+        (with_stream(element, 'stage1_block1', np.full((8, 8), np.nan)), 'non-finite'),
+        (with_stream(element, 'stage2_block1', groups.sample_matrix(rng, 'GL', 16, 1e5)),
+         'badly conditioned'),
+        (with_stream(element, 'stem', groups.sample_matrix(rng, 'O', 8)),
+         'not in scaled_permutation'),
+        (with_stream(element, 'stage9_block1', np.eye(8)), 'unknown names'),
+        (with_hidden('stage1_block1', np.zeros(8, int), np.ones(32)), 'permutation of range'),
+        (with_hidden('stage1_block1', np.arange(8), np.zeros(32)), 'finite nonzero'),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            symmetry.act(spec, form, bad)
+    # Forcing admits other groups and bad conditioning, never a singular or misshapen T.
+    symmetry.act(spec, form, cases[3][0], force=True)
+    symmetry.act(spec, form, cases[4][0], force=True)
+    for bad, message in cases[:2]:
+        with pytest.raises(ValueError, match=message):
+            symmetry.act(spec, form, bad, force=True)
+
+
+def test_bad_requests_are_refused(identity_model):
+    spec, variables, form = identity_model
+    with pytest.raises(ValueError, match='unknown group'):
+        symmetry.sample(spec, jax.random.key(0), group='SL')
+    with pytest.raises(ValueError, match='no streams named'):
+        symmetry.sample(spec, jax.random.key(0), group={'stage7_block1': 'O'})
+    with pytest.raises(ValueError, match='does not contain O'):
+        symmetry.sample(spec, jax.random.key(0), group={'stem': 'O'})
+    with pytest.raises(ValueError, match='64-bit'):
+        symmetry.apply(spec, symmetry.fold(spec, variables, np.float64), np.zeros((1, 16, 16, 1)))
+    with pytest.raises(ValueError, match='identity shortcut'):
+        symmetry.unfold(spec, symmetry.act(spec, form, symmetry.sample(spec, jax.random.key(0))))
+
+
+def test_bad_variables_are_refused(identity_model):
+    spec, variables, _ = identity_model
+    zero = jax.tree_util.tree_map(np.array, variables)
+    zero['params']['stage2_block1']['derivative_bn']['scale'][[1, 5]] = 0.0
+    message = r'stage2_block1/derivative_bn has scale 0 in channels \[1, 5\]'
+    with pytest.raises(ValueError, match=message):
+        symmetry.fold(spec, zero)
+    other = random_variables(small_model('eq4', 'identity', 'ds'), (1, 16, 16, 1))
+    with pytest.raises(ValueError, match='do not match the model'):
+        symmetry.fold(spec, other)
