@@ -1,7 +1,7 @@
 """Speed, memory and FLOPs of every Table 1 model side by side, ResNet50 the baseline.
 
     python -m benchmarks.models                           # CPU defaults: batch 8, all rows
-    python -m benchmarks.models --models 'ResNet50,Eq. (3) softball@ds' --variants
+    python -m benchmarks.models --models 'eq3_softball;eq7_nows_x6' --variants
     python -m benchmarks.models --batch 256 --dtype bfloat16 --reps 20 --variants \\
         --out benchmarks/models_gpu                       # on a GPU
 
@@ -58,13 +58,23 @@ class Entry:
     impl: str | None = None  # QHNet rows: the derivative implementation
 
 
+def select_rows(spec: str) -> list[str]:
+    """Table 1 rows from ';'-separated names: row names ('Eq. (7) no ws, x6') or their
+    config modules ('eq7_nows_x6')."""
+    by_module = {module: row for row, (module, _) in params.TABLE1.items()}
+    rows = []
+    for name in filter(None, (part.strip() for part in spec.split(';'))):
+        row = name if name in params.TABLE1 else by_module.get(name)
+        if row is None:
+            raise SystemExit(f'unknown model {name!r}; valid: {list(params.TABLE1)} or {list(by_module)}')
+        rows.append(row)
+    return rows
+
+
 def entries(args) -> list[Entry]:
     rows = [BASELINE] + [row for row in params.TABLE1 if row != BASELINE]
     if args.models != 'all':
-        wanted = [name.strip() for name in args.models.split(',')]
-        unknown = sorted(set(wanted) - set(params.TABLE1))
-        if unknown:
-            raise SystemExit(f'unknown --models {unknown}; valid: {list(params.TABLE1)}')
+        wanted = select_rows(args.models)
         rows = [BASELINE] + [row for row in rows if row in wanted and row != BASELINE]
     impl = args.impl
     out = []
@@ -237,7 +247,8 @@ def main(argv=None) -> None:
     parser.add_argument('--num-classes', type=int, default=100)
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     parser.add_argument('--models', default='all',
-                        help=f"comma-separated Table 1 rows (ResNet50 is always included): {list(params.TABLE1)}")
+                        help="';'-separated Table 1 rows or config names, e.g. 'eq3_softball;eq4' "
+                             "(ResNet50 is always included; default: all)")
     parser.add_argument('--impl', choices=IMPLEMENTATIONS, default=DEFAULT_IMPL,
                         help='derivative implementation of the QHNet rows')
     parser.add_argument('--variants', action='store_true',

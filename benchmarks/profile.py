@@ -1,7 +1,7 @@
 """Where a training step's time goes: an XLA profile attributed to the model's layers.
 
     python -m benchmarks.profile                           # ResNet50 and the Eq. (3) model
-    python -m benchmarks.profile --models 'ResNet50,Eq. (3) no ws' --batch 8 --steps 3
+    python -m benchmarks.profile --models 'resnet50;eq3_nows' --batch 8 --steps 3
 
 Traces `--steps` training steps of each model with `jax.profiler`, reads the trace
 back (`jax.profiler.ProfileData`), and attributes every executed XLA op (a fusion, a
@@ -164,7 +164,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--models', default=f'{model_bench.BASELINE},{model_bench.MAIN}')
+    parser.add_argument('--models', default=f'{model_bench.BASELINE};{model_bench.MAIN}',
+                        help="';'-separated Table 1 rows or config names")
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--num-classes', type=int, default=100)
@@ -177,10 +178,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = default.get_config()
     results = []
-    for label in args.models.split(','):
-        row = label.strip()
-        if row not in params.TABLE1:
-            raise SystemExit(f'unknown model {row!r}; valid: {list(params.TABLE1)}')
+    for row in model_bench.select_rows(args.models):
         is_qhnet = params.row_config(row).model.name == 'qhnet'
         impl = (args.impl or model_bench.DEFAULT_IMPL) if is_qhnet else None
         entry = model_bench.Entry(row, row, args.dtype, impl=impl)
