@@ -144,7 +144,7 @@ def markdown(report: dict) -> str:
                   '| model | train img/s (wall) | train img/s per core (CPU time) | decode cores to keep up |',
                   '|---|---:|---:|---:|']
         for label, wall, cpu in report['train']:
-            lines.append(f'| {label} | {wall:.1f} | {cpu:.1f} | {wall / per_core:.2f} |')
+            lines.append(f'| {label} | {wall:.1f} | {cpu:.1f} | {wall / per_core:.3g} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -162,7 +162,12 @@ def main(argv=None) -> None:
     parser.add_argument('--models-json', default='benchmarks/models_cpu.json')
     parser.add_argument('--note', default='')
     parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
+    parser.add_argument('--render', default=None, help='only re-render the markdown of this JSON')
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(markdown(json.load(f)))
+        return
     if args.data_dir:
         data_dir, class_list, mean_bytes, source = args.data_dir, args.class_list, float('nan'), args.data_dir
         sizes = [os.path.getsize(os.path.join(d, n)) for d, _, names in
