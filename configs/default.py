@@ -140,20 +140,21 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     if variant == 'imagenet100':
         return
     if variant == 'fashion_mnist':
-        # Tuned to pass 92% test accuracy within 15 minutes on 2 CPU cores.
+        # Chosen by experiments/fashion_mnist_sweep.py to pass 92% test accuracy
+        # within 15 minutes on 2 CPU cores (README).
         config.data.name = 'fashion_mnist'
         config.data.image_size = 28
         config.data.augment = False
         config.data.num_workers = 1
         config.model.stem = 'small'
-        config.model.widths = (16, 64, 128)
-        config.model.depths = (1, 1, 1)
+        config.model.widths = (16, 32, 128, 256)
+        config.model.depths = (1, 1, 1, 1)
         config.model.num_classes = 10
-        config.batch_size = 128
+        config.batch_size = 64
         config.eval_batch_size = 500
         config.num_epochs = 4
         config.optimizer.base_lr = 0.8
-        config.optimizer.reference_batch_size = 128
+        config.optimizer.reference_batch_size = 64
         config.optimizer.warmup_epochs = 0.3
         config.optimizer.weight_decay = 5e-5
         config.checkpoint.every_steps = 10_000

@@ -62,7 +62,7 @@ class CheckpointStore:
 
     def __init__(self, workdir: str, *, max_to_keep: int | None = None, read_only: bool = False):
         self.workdir = workdir
-        self.directory = os.path.join(workdir, CHECKPOINT_DIR)
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, read_only=read_only, create=not read_only,

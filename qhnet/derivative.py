@@ -57,11 +57,18 @@ def per_channel_kernel(kernel: jax.Array, outputs: int) -> jax.Array:
     return jnp.tile(kernel, (1, 1, 1, outputs // kernel.shape[-1]))
 
 
-def _grouped(x, kernel, outputs, stride):
+def _conv(x, kernel, stride, groups):
+    """A 3x3 conv at full precision, accumulated in float32 (float64 for float64 inputs;
+    XLA's default precision may round float64 and float32 convolutions), in x's dtype."""
     return jax.lax.conv_general_dilated(
-        x, per_channel_kernel(kernel, outputs).astype(x.dtype),
-        window_strides=(stride, stride), padding=_PADDING,
-        dimension_numbers=_DIMENSIONS, feature_group_count=x.shape[-1])
+        x, kernel.astype(x.dtype), window_strides=(stride, stride), padding=_PADDING,
+        dimension_numbers=_DIMENSIONS, feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+
+
+def _grouped(x, kernel, outputs, stride):
+    return _conv(x, per_channel_kernel(kernel, outputs), stride, x.shape[-1])
 
 
 def _folded(x, kernel, group, stride):
@@ -72,9 +79,7 @@ def _folded(x, kernel, group, stride):
     n = channels // group
     folded = x.reshape(batch, height, width, n, group).transpose(0, 3, 1, 2, 4)
     folded = folded.reshape(batch * n, height, width, group)
-    y = jax.lax.conv_general_dilated(
-        folded, kernel.astype(x.dtype), window_strides=(stride, stride), padding=_PADDING,
-        dimension_numbers=_DIMENSIONS, feature_group_count=group)
+    y = _conv(folded, kernel, stride, group)
     out_h, out_w = y.shape[1:3]
     y = y.reshape(batch, n, out_h, out_w, m).transpose(0, 2, 3, 1, 4)
     return y.reshape(batch, out_h, out_w, n * m)

@@ -56,8 +56,10 @@ CONFIG_KEYS = {
     'debug': ('inject_nan_at_step', 'inject_nan_times', 'crash_after_step'),
 }
 # Config fields that fix what the parameters mean: a workdir holding a checkpoint
-# that differs in any of them belongs to another experiment.
+# that differs in any of them belongs to another experiment. Model fields that change
+# only how the function is computed are not among them.
 IDENTITY_FIELDS = ('model', 'data.name', 'data.image_size', 'data.channels', 'data.class_list')
+COMPUTE_ONLY_MODEL_FIELDS = ('dtype', 'remat', 'derivative_impl')
 SUMMARY_FILE = 'summary.json'
 PREFETCH_DEPTH = 2
 
@@ -432,7 +434,8 @@ def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
         value = checkpoints.config_to_json(config[section]) if not key else (
             {key: json.loads(json.dumps(config[section][key]))})
         for name, item in value.items():
-            flat[f'{section}.{name}'] = item
+            if not (section == 'model' and name in COMPUTE_ONLY_MODEL_FIELDS):
+                flat[f'{section}.{name}'] = item
     return flat
 
 

@@ -225,9 +225,10 @@ def test_restore_variables_and_evaluate(finished_run):
     assert scores['loss'] == pytest.approx(summary['test_loss'], rel=1e-5)
 
 
-def test_killed_and_resumed_run_ends_with_the_same_parameters(finished_run, tmp_path):
+def test_killed_and_resumed_run_ends_with_the_same_parameters(finished_run, tmp_path, monkeypatch):
     config, uninterrupted, _ = finished_run
-    workdir = str(tmp_path / 'workdir')
+    monkeypatch.chdir(tmp_path)
+    workdir = 'workdir'  # relative, as in the README's command
     with pytest.raises(train.SimulatedCrash):
         train.train_and_evaluate(tiny_config(**{'debug.crash_after_step': 7}), workdir)
     # The newest checkpoint is step 4: the resumed run repeats steps 5-7.
