@@ -281,6 +281,15 @@ def test_workdir_of_another_model_fails_and_is_left_untouched(finished_run):
     assert snapshot(workdir) == before
 
 
+def test_workdir_accepts_changes_that_keep_the_function(finished_run):
+    """remat, the derivative implementation and the compute dtype change how, not what."""
+    _, workdir, _ = finished_run
+    before = snapshot(workdir)
+    train.check_workdir(workdir, tiny_config(**{'model.remat': True, 'model.dtype': 'bfloat16',
+                                                'model.derivative_impl': 'folded'}))
+    assert snapshot(workdir) == before
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, tmp_path, caplog):
     config, finished, _ = finished_run
     workdir = str(tmp_path / 'workdir')
