@@ -277,10 +277,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     return new_state, step_metrics
 
 
-def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *,
-              model: flax.linen.Module) -> dict[str, jax.Array]:
+def eval_step(variables: Any, batch: dict[str, jax.Array], *,
+              logits_fn: Callable[[Any, jax.Array], jax.Array]) -> dict[str, jax.Array]:
     """Sums over the real (mask == 1) examples of a batch: loss, top-1/top-5 hits, count."""
-    logits = model.apply(variables, batch['image'], train=False)
+    logits = logits_fn(variables, batch['image'])
     labels, mask = batch['label'], batch['mask']
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     return {
@@ -289,6 +289,11 @@ def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *,
         'top5': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
         'count': jnp.sum(mask),
     }
+
+
+def eval_logits(model: flax.linen.Module) -> Callable[[Any, jax.Array], jax.Array]:
+    """(variables, images) -> the logits of `model` in eval mode."""
+    return lambda variables, images: model.apply(variables, images, train=False)
 
 
 def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
@@ -305,9 +310,9 @@ def jit_train_step(mesh: Mesh, **step_args) -> Callable:
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def jit_eval_step(mesh: Mesh, model: flax.linen.Module) -> Callable:
+def jit_eval_step(mesh: Mesh, logits_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(functools.partial(eval_step, model=model),
+    return jax.jit(functools.partial(eval_step, logits_fn=logits_fn),
                    in_shardings=(replicated, NamedSharding(mesh, PartitionSpec('data'))),
                    out_shardings=replicated)
 
@@ -388,14 +393,15 @@ def _evaluate(eval_fn: Callable, variables: dict[str, Any], config: ml_collectio
     return {name: float(totals[name]) / count for name in ('top1', 'top5', 'loss')}
 
 
-def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any],
-             split: str = 'test') -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions) and mean cross-entropy of `variables` (a
-    model of `config.model`) on a whole split, sharded over all devices."""
+def evaluate(config: ml_collections.ConfigDict, variables: Any, split: str = 'test',
+             logits_fn: Callable[[Any, jax.Array], jax.Array] | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (fractions) and mean cross-entropy on a whole split of
+    `config.data`, sharded over all devices: of `variables` (a model of `config.model`), or
+    of whatever `logits_fn(variables, images)` computes (e.g. an inference form's logits)."""
     mesh = make_mesh()
     variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-    return _evaluate(jit_eval_step(mesh, models.build(config.model)), variables, config, mesh,
-                     split)
+    logits_fn = logits_fn or eval_logits(models.build(config.model))
+    return _evaluate(jit_eval_step(mesh, logits_fn), variables, config, mesh, split)
 
 
 def restore_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -487,7 +493,7 @@ class _TrainingRun:
         self.train_step = jit_train_step(
             self.mesh, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
             label_smoothing=config.label_smoothing)
-        self.eval_step = jit_eval_step(self.mesh, self.model)
+        self.eval_step = jit_eval_step(self.mesh, eval_logits(self.model))
         init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
         self.init_rng = init_rng
         self.dropout_rng = jax.device_put(dropout_rng, self.replicated)

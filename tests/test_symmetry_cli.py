@@ -43,9 +43,12 @@ def test_verify_transforms_writes_and_reevaluates(workdir, tmp_path):
     for name in ('full_group', 'tied_group'):
         assert summary[name]['invariant'] and summary[name]['error'] <= summary[name]['tolerance']
         assert summary[name]['error'] < 1e-4
-    original, transformed = summary['evaluation']['original'], summary['evaluation']['transformed']
-    assert transformed['top1'] == original['top1'] and transformed['top5'] == original['top5']
-    assert abs(transformed['loss'] - original['loss']) <= 1e-4 * abs(original['loss'])
+    original = summary['evaluation']['original']
+    for name in ('transformed', 'full_group_form'):  # the Flax model; the full group's form
+        transformed = summary['evaluation'][name]
+        assert transformed['top1'] == original['top1'] and transformed['top5'] == original['top5']
+        assert abs(transformed['loss'] - original['loss']) <= 1e-4 * abs(original['loss'])
+    assert os.path.isdir(os.path.join(output, 'full_group_form'))
     config, variables = train.restore_variables(output)
     assert config.model.mixing
     # The head absorbed the last stream's random rotation: different weights, same function.

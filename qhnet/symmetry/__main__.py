@@ -5,13 +5,16 @@
 1. Restores the newest checkpoint in --workdir (`qhnet.train.restore_variables`) and
    folds it (`fold`) in float32, the checkpoint's precision.
 2. Samples a random element of the group the model admits (`group_spec`, every
-   stream's full group) and reports the largest relative change of the logits on the
-   first --num_images test images (`verify`).
-3. Samples an element that keeps identity shortcuts the identity
-   (`tie_identity_shortcuts=True`), verifies it the same way, writes the transformed
-   model as a checkpoint of the same model with `mixing=True` (`unfold`) to
-   --output_workdir, reads it back with `restore_variables`, and evaluates both on the
-   whole test split (`qhnet.train.evaluate`).
+   stream's full group), reports the largest relative change of the logits on the
+   first --num_images test images (`verify`), writes the transformed inference form
+   (orbax, <output_workdir>/full_group_form), reads it back and evaluates it with
+   `symmetry.apply` on the whole test split.
+3. The Flax model has no parameters for its identity shortcuts, so the full group's
+   T_in^-1 T_out there has no place in it. Samples an element of the subgroup that keeps
+   them the identity (`tie_identity_shortcuts=True`), verifies it the same way, writes
+   the transformed model as a checkpoint of the same model with `mixing=True`
+   (`unfold`) to --output_workdir, reads it back with `restore_variables`, and evaluates
+   it and the original on the whole test split (`qhnet.train.evaluate`).
 
 It prints a summary and writes it as JSON to <output_workdir>/symmetry.json; the exit
 status is 1 if an element changed the logits by more than its tolerance. The written
@@ -27,6 +30,7 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from qhnet import checkpoints, data, models, train
 from qhnet import symmetry
@@ -40,6 +44,8 @@ flags.DEFINE_float('cond', 10.0, 'Condition number of the GL and scaled-permutat
                    'and of the hidden-channel scales.')
 flags.DEFINE_integer('num_images', 256, 'Test images on which the logits are compared.')
 flags.mark_flag_as_required('workdir')
+
+FORM_DIR = 'full_group_form'
 
 
 def test_images(config, count: int) -> np.ndarray:
@@ -70,7 +76,12 @@ def run(workdir: str, output_workdir: str) -> dict:
     full, tied = symmetry.group_spec(model), symmetry.group_spec(model, tie_identity_shortcuts=True)
     form = symmetry.fold(full, variables)
     keys = jax.random.split(jax.random.key(FLAGS.seed))
-    _, full_report = check(full, form, images, keys[0])
+    full_element, full_report = check(full, form, images, keys[0])
+    form_path = os.path.join(os.path.abspath(output_workdir), FORM_DIR)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(form_path, symmetry.act(full, form, full_element), force=True)
+        checkpointer.wait_until_finished()
+        full_moved = checkpointer.restore(form_path)
     element, tied_report = check(tied, form, images, keys[1])
     moved = symmetry.unfold(tied, symmetry.act(tied, form, element))
 
@@ -89,8 +100,11 @@ def run(workdir: str, output_workdir: str) -> dict:
         'num_images': int(len(images)),
         'streams': str(full), 'tied_streams': str(tied),
         'full_group': full_report, 'tied_group': tied_report,
-        'evaluation': {'original': train.evaluate(config, variables),
-                       'transformed': train.evaluate(reloaded_config, reloaded)},
+        'evaluation': {
+            'original': train.evaluate(config, variables),
+            'full_group_form': train.evaluate(
+                config, full_moved, logits_fn=lambda f, x: symmetry.apply(full, f, x)),
+            'transformed': train.evaluate(reloaded_config, reloaded)},
     }
 
 
@@ -111,9 +125,10 @@ def main(argv: list[str]) -> None:
               f'{summary["num_images"]} test images: '
               + ('invariant' if r['invariant'] else 'NOT INVARIANT'))
     for name, result in summary['evaluation'].items():
-        print(f'{name:>11}: top1 {result["top1"]:.4f}  top5 {result["top5"]:.4f}  '
+        print(f'{name:>15}: top1 {result["top1"]:.4f}  top5 {result["top5"]:.4f}  '
               f'loss {result["loss"]:.4f}')
-    print(f'wrote the transformed model (mixing=True) to {output_workdir}')
+    print(f'wrote the transformed model (tied subgroup, mixing=True) to {output_workdir} and the '
+          f'full group\'s transformed inference form to {os.path.join(output_workdir, FORM_DIR)}')
     if not (summary['full_group']['invariant'] and summary['tied_group']['invariant']):
         sys.exit(1)
 
