@@ -555,6 +555,7 @@ class _TrainingRun:
         logging.info('Initialised %s (%s parameters); saving step 0 as the first rollback target.',
                      self.config.model.name, f'{num_params:,}')
         self._save(state, 0)
+        self.store.wait()  # a workdir that cannot hold checkpoints fails here, before training
         return state
 
     # Data.
