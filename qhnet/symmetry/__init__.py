@@ -1,5 +1,9 @@
 """The continuous symmetry of QHNet (DESIGN.md section 3) as pure functions over pytrees.
 
+The same functions cover the baselines (ResNet50, MobileNetV3Large): their hidden-channel
+symmetries, permutations and positive scalings of relu channels, permutations of hardswish
+channels and GL(n) on MobileNet's linear bottlenecks (`qhnet.symmetry.baselines`).
+
     spec = group_spec(model)                  # streams, groups, hidden symmetries: from the model
     form = fold(spec, variables)              # BN folded, mixing maps and shortcuts explicit
     logits = apply(spec, form, images)        # == model.apply(variables, images, train=False)

@@ -86,7 +86,8 @@ def run(workdir: str, output_workdir: str) -> dict:
     moved = symmetry.unfold(tied, symmetry.act(tied, form, element))
 
     moved_config = config.copy_and_resolve_references()
-    moved_config.model.mixing = True
+    if moved_config.model.name == 'qhnet':  # the baselines' layers hold any element as they are
+        moved_config.model.mixing = True
     step = newest_step(workdir)
     store = checkpoints.CheckpointStore(output_workdir)
     try:

@@ -8,12 +8,16 @@ An element is a pytree of float64 numpy arrays
 (a missing stream or block stands for the identity). It acts on a form by
 
     stream entries:  'out' axis  W -> W T,   'in' axis  W -> T^-1 W      (T (x) I_r with repeat r)
+                     'per_channel' axis  w -> w P  (a per-channel map diag(w): a depthwise
+                     kernel, a squeeze-excite gate; T^-1 diag(w) T = diag(w P) for T = P D)
     hidden entries:  channel (j, rest) -> (perm(j), rest), times scale[old channel] ** power
 
 computed in float64 and cast back to the form's dtype, so `act(act(p, g), inverse(g))`
 returns p up to that one rounding. Elements are checked before they act: shapes,
-finiteness and invertibility always; cond(T) <= MAX_CONDITION = 1e4 and membership in
-the group the stream admits unless `force=True` (negative controls).
+finiteness and invertibility always, and a permutation times a diagonal wherever a
+stream passes through per-channel maps (no other T keeps them per channel); cond(T) <=
+MAX_CONDITION = 1e4 and membership in the group the stream admits unless `force=True`
+(negative controls).
 """
 
 import jax
@@ -91,7 +95,12 @@ def _mix(x: np.ndarray, m: np.ndarray, axis: int, repeat: int) -> np.ndarray:
     x = np.moveaxis(x, axis, -1)
     lead, n = x.shape[:-1], m.shape[0]
     rows = x.reshape(*lead, n, repeat).swapaxes(-1, -2).reshape(-1, n)  # one row per (..., r)
-    mixed = (rows @ m).reshape(*lead, repeat, n).swapaxes(-1, -2).reshape(x.shape)
+    if groups.monomial_entries(m) is not None:  # m[source[i], i] is column i's only nonzero
+        source = np.argmax(m != 0, axis=0)
+        rows = rows[:, source] * m[source, np.arange(n)]
+    else:
+        rows = rows @ m
+    mixed = rows.reshape(*lead, repeat, n).swapaxes(-1, -2).reshape(x.shape)
     return np.moveaxis(mixed, -1, axis)
 
 
@@ -121,6 +130,12 @@ def _check(spec: GroupSpec, element: dict, force: bool) -> None:
                 f'T for stream {name!r} is badly conditioned: cond(T) = {cond:.2e} > '
                 f'{MAX_CONDITION:g}, beyond which rounding can change the function noticeably and '
                 '`verify` has no validated tolerance. Use a better-conditioned T, or force=True')
+        per_channel = [e for e in stream.entries if e.role == 'per_channel']
+        if per_channel and groups.permutation_pattern(t) is None:
+            raise ValueError(
+                f'stream {name!r} passes through per-channel maps ({"/".join(per_channel[0].path)}'
+                f', ...), which stay per channel only under a permutation times a diagonal; T has '
+                'more than one nonzero in a row or column')
         reason = groups.membership_error(stream.group, t, t.dtype)
         if not force and reason:
             raise ValueError(
@@ -159,7 +174,8 @@ def act(spec: GroupSpec, form: dict, element: dict, force: bool = False) -> dict
         if stream.name not in element.get('streams', {}):
             continue
         t = np.asarray(element['streams'][stream.name], np.float64)
-        maps = {'out': t, 'in': np.linalg.inv(t).T}
+        maps = {'out': t, 'in': groups.inverse_matrix(t).T,
+                'per_channel': groups.permutation_pattern(t)}
         for e in stream.entries:
             update(e.path, e.axis, stream.width * e.repeat,
                    lambda x, e=e: _mix(x, maps[e.role], e.axis, e.repeat),
@@ -179,7 +195,7 @@ def act(spec: GroupSpec, form: dict, element: dict, force: bool = False) -> dict
 
 def inverse(element: dict) -> dict:
     """g^-1: T -> T^-1 per stream; perm -> perm^-1 and scale -> 1 / scale, re-indexed by perm."""
-    streams = {name: np.linalg.inv(np.asarray(t, np.float64))
+    streams = {name: groups.inverse_matrix(t)
                for name, t in element.get('streams', {}).items()}
     hidden = {}
     for name, h in element.get('hidden', {}).items():
@@ -192,9 +208,7 @@ def inverse(element: dict) -> dict:
 def _rounding_condition(t: np.ndarray) -> float:
     """How much T amplifies rounding: 1 for a permutation times a diagonal (scaling a row or
     column by a number rounds each entry once), cond(T) otherwise."""
-    nonzero = np.abs(t) > 0
-    monomial = np.all(nonzero.sum(0) == 1) and np.all(nonzero.sum(1) == 1)
-    return 1.0 if monomial else groups.condition_number(t)
+    return 1.0 if groups.monomial_entries(t) is not None else groups.condition_number(t)
 
 
 def condition(element: dict) -> float:

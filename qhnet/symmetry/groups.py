@@ -8,10 +8,11 @@ admits T when act(y T) = act(y) T for every y (DESIGN.md section 3):
     hardtanh            signed permutations          'signed_permutation'
     relu                permutations x positive      'scaled_permutation'
                         diagonal scalings
+    hard_swish          permutations                 'permutation'    (x relu6(x + 3) / 6)
 
-and 'permutation' is the meet of the last two with O(n). Everything here is numpy in
-float64, whatever JAX's precision setting: rotations and inverses are computed in
-float64 and cast once (as rotation-based compression does).
+and 'permutation' is also the meet of the hardtanh and relu groups with O(n). Everything
+here is numpy in float64, whatever JAX's precision setting: rotations and inverses are
+computed in float64 and cast once (as rotation-based compression does).
 """
 
 import numpy as np
@@ -24,6 +25,7 @@ ADMITTED = {
     'hardball': 'O',
     'hardtanh': 'signed_permutation',
     'relu': 'scaled_permutation',
+    'hard_swish': 'permutation',
 }
 
 # group -> the groups it contains (itself included).
@@ -54,10 +56,31 @@ def meet(group: str, other: str) -> str:
     return max(common, key=lambda g: len(_SUBGROUPS[g]))
 
 
+def monomial_entries(t: np.ndarray) -> np.ndarray | None:
+    """The nonzero entries of T when it has exactly one in each row and column (T = P D),
+    otherwise None."""
+    nonzero = np.asarray(t) != 0
+    if np.all(nonzero.sum(0) == 1) and np.all(nonzero.sum(1) == 1):
+        return np.asarray(t, np.float64)[nonzero]
+    return None
+
+
 def condition_number(t: np.ndarray) -> float:
-    """cond(T) = sigma_max / sigma_min in the 2-norm (inf for a singular T)."""
+    """cond(T) = sigma_max / sigma_min in the 2-norm (inf for a singular T); for T = P D the
+    singular values are |D|, so no SVD is needed."""
+    entries = monomial_entries(t)
+    if entries is not None:
+        return float(np.abs(entries).max() / np.abs(entries).min())
     singular_values = np.linalg.svd(np.asarray(t, np.float64), compute_uv=False)
     return float(singular_values[0] / singular_values[-1]) if singular_values[-1] > 0 else np.inf
+
+
+def inverse_matrix(t: np.ndarray) -> np.ndarray:
+    """T^-1 in float64; for T = P D exactly D^-1 P^T (each entry's reciprocal, transposed)."""
+    t = np.asarray(t, np.float64)
+    if monomial_entries(t) is not None:
+        return np.divide(1.0, t, out=np.zeros_like(t), where=t != 0).T
+    return np.linalg.inv(t)
 
 
 def _orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -102,6 +125,15 @@ def _slack(dtype) -> float:
     return 1e3 * float(np.finfo(dtype).eps)
 
 
+def permutation_pattern(t: np.ndarray, dtype=np.float64) -> np.ndarray | None:
+    """P with P[j, i] = 1 where T[j, i] != 0 (up to `_slack(dtype)`) when T is a permutation
+    times a diagonal (one nonzero per row and column), otherwise None."""
+    nonzero = np.abs(np.asarray(t, np.float64)) > _slack(dtype)
+    if not (np.all(nonzero.sum(0) == 1) and np.all(nonzero.sum(1) == 1)):
+        return None
+    return nonzero.astype(np.float64)
+
+
 def membership_error(group: str, t: np.ndarray, dtype=np.float64) -> str | None:
     """None when T lies in `group` (to within `_slack(dtype)`), otherwise why not."""
     check_group(group)
@@ -113,10 +145,10 @@ def membership_error(group: str, t: np.ndarray, dtype=np.float64) -> str | None:
     if group == 'O':
         deviation = np.abs(t.T @ t - np.eye(n)).max()
         return None if deviation <= tol else f'T^T T differs from I by {deviation:.2e}'
-    nonzero = np.abs(t) > tol
-    if not (np.all(nonzero.sum(0) == 1) and np.all(nonzero.sum(1) == 1)):
+    pattern = permutation_pattern(t, dtype)
+    if pattern is None:
         return 'T is not a permutation matrix times a diagonal (one nonzero per row and column)'
-    entries = t[nonzero]
+    entries = t[pattern > 0]
     if group == 'signed_permutation' and np.abs(np.abs(entries) - 1).max() > tol:
         return 'its nonzero entries are not +-1'
     if group == 'scaled_permutation' and entries.min() <= 0:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qhnet import activations
-from qhnet.derivative import per_channel_kernel
+from qhnet.derivative import depthwise_conv, per_channel_kernel
 from qhnet.symmetry.structure import Block, Structure
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -68,18 +68,18 @@ def block_keys(structure: Structure) -> tuple[str, ...]:
 
 # Folding.
 
-def _read(tree, *path: str) -> np.ndarray:
+def read(tree, *path: str) -> np.ndarray:
     for key in path:
         tree = tree[key]
     return np.asarray(tree, dtype=np.float64)
 
 
-def _batch_norm(structure: Structure, variables, *path: str) -> tuple[np.ndarray, np.ndarray]:
+def batch_norm(structure: Structure, variables, *path: str) -> tuple[np.ndarray, np.ndarray]:
     """(s, t) with BN(x) = x s + t in eval mode."""
-    gamma = _read(variables, 'params', *path, 'scale')
-    beta = _read(variables, 'params', *path, 'bias')
-    mean = _read(variables, 'batch_stats', *path, 'mean')
-    var = _read(variables, 'batch_stats', *path, 'var')
+    gamma = read(variables, 'params', *path, 'scale')
+    beta = read(variables, 'params', *path, 'bias')
+    mean = read(variables, 'batch_stats', *path, 'mean')
+    var = read(variables, 'batch_stats', *path, 'var')
     s = gamma / np.sqrt(var + structure.epsilon('/'.join(path)))
     return s, beta - mean * s
 
@@ -100,16 +100,16 @@ def _fold_block(structure: Structure, variables, block: Block) -> dict[str, np.n
     name, eq, n, n_out = block.name, structure.equation, block.n_in, block.n_out
 
     def matrix(key):  # a 1x1 conv or Dense kernel as an (in, out) matrix
-        kernel = _read(variables, 'params', name, key, 'kernel')
+        kernel = read(variables, 'params', name, key, 'kernel')
         return kernel.reshape(kernel.shape[-2:])
 
     def mixing(key, size):  # the Flax model's mixing map, or the identity when it has none
         return matrix(key) if structure.mixing else np.eye(size)
 
-    s_d, t_d = _batch_norm(structure, variables, name, 'derivative_bn')
-    s_o, t_o = _batch_norm(structure, variables, name, 'out_bn')
+    s_d, t_d = batch_norm(structure, variables, name, 'derivative_bn')
+    s_o, t_o = batch_norm(structure, variables, name, 'out_bn')
     form = {'coef': matrix('coef'),
-            'derivative': _read(variables, 'params', name, 'derivative', 'kernel')}
+            'derivative': read(variables, 'params', name, 'derivative', 'kernel')}
     if uses_mix_in(structure):
         form['mix_in'] = mixing('mix_in', n)
     if eq in (3, 5):
@@ -129,14 +129,14 @@ def _fold_block(structure: Structure, variables, block: Block) -> dict[str, np.n
     else:
         form['out_bias'] = t_o
     if block.projection:
-        s, t = _batch_norm(structure, variables, name, 'shortcut_bn')
+        s, t = batch_norm(structure, variables, name, 'shortcut_bn')
         form['shortcut'], form['shortcut_bias'] = matrix('shortcut') * s, t
     else:
         form['shortcut'], form['shortcut_bias'] = np.eye(n), np.zeros(n)
     return {key: form[key] for key in block_keys(structure)}
 
 
-def _check_variables(structure: Structure, variables) -> None:
+def check_variables(structure: Structure, variables) -> None:
     """Every variable the model has, with the shape it has (`Structure.variable_shapes`)."""
     for path, shape in structure.variable_shapes:
         node = variables
@@ -156,16 +156,19 @@ def fold(spec, variables, dtype=np.float32) -> dict:
     """The inference form (nested dicts of numpy arrays of `dtype`) of a QHNet's variables.
 
     `spec` = `group_spec(model)`; `variables` = {'params', 'batch_stats'} as `model.init` or
-    training returns them.
+    training returns them. A baseline's spec folds by `qhnet.symmetry.baselines.fold`.
     """
     structure = spec.structure
-    _check_variables(structure, variables)
-    s, t = _batch_norm(structure, variables, 'stem_bn')
-    form = {'stem': {'kernel': _read(variables, 'params', 'stem_conv', 'kernel') * s, 'bias': t}}
+    if not isinstance(structure, Structure):
+        from qhnet.symmetry import baselines  # it builds on this module
+        return baselines.fold(spec, variables, dtype)
+    check_variables(structure, variables)
+    s, t = batch_norm(structure, variables, 'stem_bn')
+    form = {'stem': {'kernel': read(variables, 'params', 'stem_conv', 'kernel') * s, 'bias': t}}
     for block in structure.blocks:
         form[block.name] = _fold_block(structure, variables, block)
-    form['head'] = {'kernel': _read(variables, 'params', 'head', 'kernel'),
-                    'bias': _read(variables, 'params', 'head', 'bias')}
+    form['head'] = {'kernel': read(variables, 'params', 'head', 'kernel'),
+                    'bias': read(variables, 'params', 'head', 'bias')}
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), form)
 
 
@@ -179,17 +182,17 @@ def form_dtype(form) -> np.dtype:
     return dtypes.pop()
 
 
+def compute_dtype(form) -> np.dtype:
+    """The dtype `apply` computes a form in: its own (float64 needs 64-bit JAX)."""
+    dtype = form_dtype(form)
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError('a float64 form needs 64-bit JAX: run inside `with jax.enable_x64(True):` '
+                         "or set jax.config.update('jax_enable_x64', True)")
+    return dtype
+
+
 def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, precision=HIGHEST)
-
-
-def _depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """`qhnet.derivative.depthwise_conv` at HIGHEST precision: XLA's CPU grouped convolution
-    otherwise rounds float64 through float32 (errors ~1e-7)."""
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(stride, stride), padding=((1, 1), (1, 1)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1],
-        precision=HIGHEST)
 
 
 def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> jax.Array:
@@ -199,7 +202,7 @@ def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> 
 
     def derivative(x):  # K_s: expand n -> nm channels, or (Eq. 7) one kernel per channel
         outputs = x.shape[-1] * (1 if eq == 7 else m)
-        return _depthwise(x, per_channel_kernel(p['derivative'], outputs), stride)
+        return depthwise_conv(x, per_channel_kernel(p['derivative'], outputs), stride, impl='grouped')
 
     if eq == 4:
         stream = _dense(u, p['mix_in']) if 'mix_in' in p else u
@@ -224,12 +227,13 @@ def apply(spec, form: dict, images: jax.Array) -> jax.Array:
     """Logits of the inference form on NHWC `images`, computed in the form's dtype.
 
     Equals `model.apply(variables, images, train=False)` for `form = fold(spec, variables)`.
+    A baseline's spec applies by `qhnet.symmetry.baselines.apply`.
     """
     structure = spec.structure
-    dtype = form_dtype(form)
-    if dtype == np.float64 and not jax.config.jax_enable_x64:
-        raise ValueError('a float64 form needs 64-bit JAX: run inside `with jax.enable_x64(True):` '
-                         "or set jax.config.update('jax_enable_x64', True)")
+    if not isinstance(structure, Structure):
+        from qhnet.symmetry import baselines  # it builds on this module
+        return baselines.apply(spec, form, images)
+    dtype = compute_dtype(form)
     form = jax.tree_util.tree_map(jnp.asarray, form)
     x = jax.lax.conv_general_dilated(
         jnp.asarray(images, dtype), form['stem']['kernel'], window_strides=structure.stem_stride,
@@ -248,7 +252,7 @@ def apply(spec, form: dict, images: jax.Array) -> jax.Array:
 
 # Back to the Flax model.
 
-def _identity_bn(structure: Structure, path: str, bias: np.ndarray):
+def identity_bn(structure: Structure, path: str, bias: np.ndarray):
     """BN params and statistics with BN(x) = x + bias: scale 1, mean 0, var = 1 - eps."""
     n = bias.shape[0]
     return ({'scale': np.ones(n), 'bias': bias},
@@ -262,32 +266,36 @@ def unfold(spec, form: dict, dtype=np.float32) -> dict:
     parameter for an identity shortcut, so a form whose identity-shortcut blocks hold a
     map other than the identity (an element that changes basis across such a block) is
     refused; sample from `group_spec(model, tie_identity_shortcuts=True)` to avoid them.
+    A baseline's spec unfolds by `qhnet.symmetry.baselines.unfold`.
     """
     structure = spec.structure
+    if not isinstance(structure, Structure):
+        from qhnet.symmetry import baselines  # it builds on this module
+        return baselines.unfold(spec, form, dtype)
 
     def conv(w):
         return w.reshape(1, 1, *w.shape)
 
     params, stats = {}, {}
     params['stem_conv'] = {'kernel': form['stem']['kernel']}
-    params['stem_bn'], stats['stem_bn'] = _identity_bn(structure, 'stem_bn', form['stem']['bias'])
+    params['stem_bn'], stats['stem_bn'] = identity_bn(structure, 'stem_bn', form['stem']['bias'])
     for block in structure.blocks:
         p, name = form[block.name], block.name
         bn_d = p['derivative_bias'] if 'derivative_bias' in p else np.zeros(p['combine'].shape[0])
         bp, bs = {}, {}
         bp['coef'] = {'kernel': conv(p['coef'])}
         bp['derivative'] = {'kernel': p['derivative']}
-        bp['derivative_bn'], bs['derivative_bn'] = _identity_bn(
+        bp['derivative_bn'], bs['derivative_bn'] = identity_bn(
             structure, f'{name}/derivative_bn', bn_d)
         for key in ('mix_in', 'mix_out'):
             if key in p:
                 bp[key] = {'kernel': p[key]}
         if 'combine' in p:
             bp['combine'] = {'kernel': conv(p['combine'])}
-        bp['out_bn'], bs['out_bn'] = _identity_bn(structure, f'{name}/out_bn', p['out_bias'])
+        bp['out_bn'], bs['out_bn'] = identity_bn(structure, f'{name}/out_bn', p['out_bias'])
         if block.projection:
             bp['shortcut'] = {'kernel': conv(p['shortcut'])}
-            bp['shortcut_bn'], bs['shortcut_bn'] = _identity_bn(
+            bp['shortcut_bn'], bs['shortcut_bn'] = identity_bn(
                 structure, f'{name}/shortcut_bn', p['shortcut_bias'])
         else:
             deviation = max(np.abs(p['shortcut'] - np.eye(block.n_in)).max(),

@@ -31,15 +31,16 @@ import dataclasses
 
 from qhnet.symmetry import groups
 from qhnet.symmetry.inference import uses_mix_in
-from qhnet.symmetry.structure import Block, Structure, structure as trace_structure
+from qhnet.models import QHNet
+from qhnet.symmetry.structure import Block, Structure, as_module, structure as trace_structure
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One axis of one array of the inference form on which a stream's T acts."""
-    path: tuple[str, str]   # (block name, 'stem' or 'head'; array key)
+    path: tuple[str, str]   # (block name, 'stem' or 'head', or a baseline's layer; array key)
     axis: int
-    role: str               # 'in' or 'out' (module docstring)
+    role: str               # 'in', 'out' (module docstring) or 'per_channel' (`action`)
     repeat: int = 1
 
 
@@ -72,16 +73,17 @@ class Hidden:
 @dataclasses.dataclass(frozen=True)
 class GroupSpec:
     """The model's structure, its streams and its blocks' hidden symmetries. Hashable."""
-    structure: Structure
+    structure: Structure    # a baseline's: `qhnet.symmetry.baselines.BaselineStructure`
     streams: tuple[Stream, ...]
     hidden: tuple[Hidden, ...]
 
     def __str__(self) -> str:
-        lines = [f'{"stream":<16} {"width":>5}  {"group":<19} blocks']
+        w = max([16] + [len(s.name) for s in self.streams])
+        lines = [f'{"stream":<{w}} {"width":>5}  {"group":<19} blocks']
         for s in self.streams:
             blocks = (f'{s.blocks[0]} .. {s.blocks[-1]} ({len(s.blocks)})' if len(s.blocks) > 2
                       else ', '.join(s.blocks))
-            lines.append(f'{s.name:<16} {s.width:>5}  {s.group:<19} {blocks}')
+            lines.append(f'{s.name:<{w}} {s.width:>5}  {s.group:<19} {blocks}')
         return '\n'.join(lines)
 
 
@@ -120,7 +122,15 @@ def _hidden(structure: Structure, block: Block) -> Hidden:
 
 
 def group_spec(model, tie_identity_shortcuts: bool = False) -> GroupSpec:
-    """The `GroupSpec` of a QHNet module (or of the config `model` section that builds one)."""
+    """The `GroupSpec` of a QHNet module (or of the config `model` section that builds one).
+
+    For the baselines it is `qhnet.symmetry.baselines.group_spec`, whose identity shortcuts
+    have no parameter and always tie their streams (`tie_identity_shortcuts` changes nothing).
+    """
+    model = as_module(model)
+    if not isinstance(model, QHNet):
+        from qhnet.symmetry import baselines  # it builds on this module
+        return baselines.group_spec(model)
     structure = trace_structure(model)
     width = structure.blocks[0].n_in
     streams = [dict(name='stem', width=width, group=groups.ADMITTED['relu'], blocks=[], entries=[

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qhnet import models
+from qhnet import baselines, models
 from qhnet.blocks import QuasiLinearBlock
 
 
@@ -54,20 +54,23 @@ class Structure:
 
 
 def as_module(model) -> nn.Module:
-    """A QHNet module from a module or a config's `model` section; other models are refused."""
+    """The module of a module or of a config's `model` section: a QHNet or one of the baselines
+    (ResNet50, MobileNetV3Large; see `qhnet.symmetry.baselines`); other models are refused."""
     if isinstance(model, ml_collections.ConfigDict):
         model = models.build(model)
-    if not isinstance(model, models.QHNet):
+    if not isinstance(model, (models.QHNet, baselines.ResNet50, baselines.MobileNetV3Large)):
         raise ValueError(
-            f'the symmetry toolkit covers QHNet models (quasi-linear blocks with a continuous '
-            f'channel-mixing symmetry); got {type(model).__name__}. The baselines have only '
-            'the permutation symmetries of any ReLU network and are not supported.')
+            f'the symmetry toolkit covers QHNet models and the baselines ResNet50 and '
+            f'MobileNetV3Large; got {type(model).__name__}')
     return model
 
 
 def structure(model) -> Structure:
     """The `Structure` of a QHNet module (or of the config `model` section that builds one)."""
     model = as_module(model)
+    if not isinstance(model, models.QHNet):
+        raise ValueError(f'structure() traces QHNet models; the structure of a '
+                         f'{type(model).__name__} is qhnet.symmetry.baselines.trace_structure')
     blocks, epsilons, stem = [], [], {}
 
     def record(next_fun, args, kwargs, context):

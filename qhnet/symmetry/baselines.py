@@ -1,0 +1,396 @@
+"""The hidden-channel symmetries of the baselines (`qhnet.baselines`): ResNet50, MobileNetV3Large.
+
+Inference form. Every conv (or Dense) with the BatchNorm after it folded in is one affine
+layer x -> conv(x, W) + b, stored under the conv's module path as {'kernel': W, 'bias': b}
+in the Flax layout (HWIO; a depthwise kernel is (k, k, 1, n)). With BN(x) = x s + t
+(running statistics, `inference.batch_norm`) and the layer's own bias c (0 if it has none):
+
+    W <- W s (output axis),   b = c s + t.
+
+`apply` then computes, in eval mode (dropout off),
+
+    ResNet50:   x = maxpool(relu(conv(images)))
+                bottleneck: h1 = relu(conv_1(x)), h2 = relu(conv_2(h1)),
+                            x = relu(shortcut(x) + conv_3(h2)),  shortcut = identity or conv
+                logits = mean(x) W_head + b_head
+    MobileNetV3Large:
+                x = hswish(conv(images))
+                inverted residual, act = relu or hswish (the block's):
+                    e = act(expand(x))           (e = x when the block does not expand)
+                    d = act(depthwise(e))
+                    d = d * hsigmoid(fc2(relu(fc1(mean(d)))))     (squeeze-excite, if any)
+                    x = project(d) (+ x when the output has x's shape: stride 1, same width)
+                x = hswish(last_conv(x)); z = hswish(mean(x) W_fc1 + b_fc1); logits = fc2(z)
+
+Streams. A channel set with T acting as u -> u T is a `Stream` (the format of
+`qhnet.symmetry.spec`): the layers writing it take W -> W T, b -> b T ('out'), those reading
+it W -> T^-1 W ('in'), and a per-channel map on it (a depthwise kernel, the squeeze-excite
+gate) follows T's permutation P only ('per_channel': T^-1 diag(w) T = diag(w P) for
+T = P D). Its group is the meet of what every map on it admits (`groups.ADMITTED`):
+
+- ResNet50 (relu everywhere): 'stem' (max pooling commutes with positive scalings and
+  permutations), '<block>/hidden1' and '<block>/hidden2', and one residual stream per stage,
+  named after the block whose projection shortcut starts it; identity shortcuts add x
+  unchanged, so the blocks after it stay on it. All 'scaled_permutation'.
+- MobileNetV3Large: '<block>/expanded' is the set after the expansion and, the same channels,
+  after the depthwise conv: one T on both, so 'permutation' (hswish blocks) or
+  'scaled_permutation' (relu blocks). This ties the scalings on the two sides of the
+  depthwise conv, which could differ (its kernel can absorb D_1^-1 K D_2): a subgroup.
+  '<block>/squeeze' (the SE's relu) is 'scaled_permutation'; the gate multiplies the
+  expanded channels, so it takes P only. The projections' outputs have no activation and
+  are read only by 1x1 convs: each is a 'GL' stream, named after the block that starts it,
+  and the blocks that add their input (identity residuals) stay on it. 'stem' (hswish) is
+  'permutation', and block1, which does not expand, reads it with its depthwise conv
+  and adds its output to it. 'last_conv' and 'fc1' (hswish) are 'permutation'.
+
+The spec has no `Hidden` entries: every hidden set is a stream. `trace_structure` reads the
+layers, their widths, strides and BatchNorms, the blocks' activations, shortcuts and
+squeeze-excites off the model by tracing `model.init` abstractly; only what each block
+computes (the equations above) is restated here. `unfold` writes a form back into the same
+model's variables, every BN as x -> x + b.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qhnet import baselines
+from qhnet.symmetry import groups
+from qhnet.symmetry.inference import (HIGHEST, batch_norm, check_variables, compute_dtype,
+                                      identity_bn, read)
+from qhnet.symmetry.spec import Entry, GroupSpec, Stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A conv or Dense with the BatchNorm after it (if any): x -> conv(x, W) + b once folded."""
+    path: str                  # the conv's module path: its key in the form
+    kind: str                  # 'conv', 'depthwise' (one kernel per channel) or 'dense'
+    n_in: int
+    n_out: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    own_bias: bool = False
+    bn: str = ''               # the BatchNorm's module path, '' for none
+
+
+@dataclasses.dataclass(frozen=True)
+class Bottleneck:
+    """ResNet: x -> relu(shortcut(x) + conv_3(relu(conv_2(relu(conv_1(x))))))."""
+    name: str
+    convs: tuple[Layer, Layer, Layer]
+    shortcut: Layer | None     # the projection, or None for the identity
+
+
+@dataclasses.dataclass(frozen=True)
+class InvertedResidual:
+    """MobileNetV3: expand, depthwise, squeeze-excite, project (module docstring)."""
+    name: str
+    activation: str            # the `jax.nn` function after the expansion and the depthwise conv
+    expand: Layer | None
+    depthwise: Layer
+    squeeze: tuple[Layer, Layer] | None   # the SE's fc1, fc2
+    project: Layer
+    residual: bool             # adds its input: the output has the input's shape
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineStructure:
+    """Everything about a baseline that its variables do not say; hashable (a jit static)."""
+    model: str                 # 'ResNet50' or 'MobileNetV3Large'
+    stem: Layer
+    blocks: tuple[Bottleneck, ...] | tuple[InvertedResidual, ...]
+    head: tuple[Layer, ...]    # after the blocks: ResNet (head,); MobileNet (last_conv, fc1, fc2)
+    epsilons: tuple[tuple[str, float], ...]
+    variable_shapes: tuple[tuple[str, tuple[int | None, ...]], ...]
+
+    def epsilon(self, path: str) -> float:
+        return dict(self.epsilons)[path]
+
+
+def layers(structure: BaselineStructure) -> tuple[Layer, ...]:
+    """Every layer of the form, in call order."""
+    found = [structure.stem]
+    for block in structure.blocks:
+        if isinstance(block, Bottleneck):
+            found += [*block.convs] + ([block.shortcut] if block.shortcut else [])
+        else:
+            found += ([block.expand] if block.expand else []) + [block.depthwise]
+            found += [*block.squeeze] if block.squeeze else []
+            found.append(block.project)
+    return tuple(found) + structure.head
+
+
+# The structure, traced.
+
+ACTIVATION_NAMES = {jax.nn.relu: 'relu', jax.nn.hard_swish: 'hard_swish'}
+
+
+def _as_pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _layers(calls: list[dict]) -> list[Layer]:
+    """The convs and Denses among `calls` (leaf module calls), each with the BatchNorm right
+    after it."""
+    found = []
+    for call in calls:
+        module, path, n_in = call['module'], call['path'], call['n_in']
+        if isinstance(module, nn.BatchNorm):
+            found[-1] = dataclasses.replace(found[-1], bn=path)
+        elif isinstance(module, nn.Conv):
+            if module.feature_group_count not in (1, n_in):
+                raise ValueError(f'{path}: grouped convs other than depthwise are not covered')
+            found.append(Layer(
+                path, 'depthwise' if module.feature_group_count > 1 else 'conv', n_in,
+                module.features, _as_pair(module.strides),
+                tuple(_as_pair(p) for p in module.padding), module.use_bias))
+        elif isinstance(module, nn.Dense):
+            found.append(Layer(path, 'dense', n_in, module.features, own_bias=module.use_bias))
+    return found
+
+
+def _inverted_residual(call: dict) -> InvertedResidual:
+    found = _layers(call['children'])
+    k = next(i for i, layer in enumerate(found) if layer.kind == 'depthwise')
+    squeeze = [c for c in call['children'] if c['children']]
+    activation = baselines._ACTIVATIONS[call['module'].activation]
+    return InvertedResidual(
+        name=call['path'], activation=ACTIVATION_NAMES[activation],
+        expand=found[k - 1] if k else None, depthwise=found[k],
+        squeeze=tuple(_layers(squeeze[0]['children'])) if squeeze else None,
+        project=found[k + 1], residual=call['in_shape'] == call['out_shape'])
+
+
+def trace_structure(model) -> BaselineStructure:
+    """The `BaselineStructure` of a ResNet50 or MobileNetV3Large module."""
+    if not isinstance(model, (baselines.ResNet50, baselines.MobileNetV3Large)):
+        raise ValueError(f'not a baseline: {type(model).__name__}')
+    root = {'children': []}
+    open_calls = [root]
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name != '__call__':
+            return next_fun(*args, **kwargs)
+        call = {'module': context.module, 'path': '/'.join(context.module.scope.path),
+                'n_in': args[0].shape[-1], 'in_shape': args[0].shape, 'children': []}
+        open_calls[-1]['children'].append(call)
+        open_calls.append(call)
+        try:
+            output = next_fun(*args, **kwargs)
+        finally:
+            open_calls.pop()
+        call['out_shape'] = output.shape
+        return output
+
+    images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    with nn.intercept_methods(record):
+        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    top = root['children'][0]['children']
+    outer = _layers(top)
+    block_calls = [call for call in top if call['children']]
+    if isinstance(model, baselines.ResNet50):
+        blocks = []
+        for call in block_calls:
+            found = _layers(call['children'])  # conv_1, conv_2, conv_3 [, projection]
+            blocks.append(Bottleneck(call['path'], tuple(found[:3]),
+                                     found[3] if len(found) == 4 else None))
+    else:
+        blocks = [_inverted_residual(call) for call in block_calls]
+
+    def batch_norms(calls):
+        for call in calls:
+            if isinstance(call['module'], nn.BatchNorm):
+                yield call['path'], float(call['module'].epsilon)
+            yield from batch_norms(call['children'])
+
+    stem_kernel = f'params/{outer[0].path}/kernel'
+    shapes = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        name = '/'.join(key.key for key in path)
+        shapes.append((name, leaf.shape[:2] + (None,) + leaf.shape[3:] if name == stem_kernel
+                       else leaf.shape))
+    return BaselineStructure(
+        model=type(model).__name__, stem=outer[0], blocks=tuple(blocks), head=tuple(outer[1:]),
+        epsilons=tuple(batch_norms(top)), variable_shapes=tuple(shapes))
+
+
+# The spec.
+
+def _reads(layer: Layer) -> list[Entry]:
+    """The layer's input axis: W -> T^-1 W; a depthwise kernel follows T's permutation."""
+    if layer.kind == 'depthwise':
+        return [Entry((layer.path, 'kernel'), 3, 'per_channel')]
+    return [Entry((layer.path, 'kernel'), 0 if layer.kind == 'dense' else 2, 'in')]
+
+
+def _writes(layer: Layer) -> list[Entry]:
+    """The layer's output axis: W -> W T, b -> b T (a depthwise kernel: see `_reads`)."""
+    bias = [Entry((layer.path, 'bias'), 0, 'out')]
+    if layer.kind == 'depthwise':
+        return bias
+    return [Entry((layer.path, 'kernel'), 1 if layer.kind == 'dense' else 3, 'out')] + bias
+
+
+def _gate(layer: Layer) -> list[Entry]:
+    """The squeeze-excite fc2: its outputs multiply the channels, so they follow P only."""
+    return [Entry((layer.path, 'kernel'), 3, 'per_channel'),
+            Entry((layer.path, 'bias'), 0, 'per_channel')]
+
+
+def group_spec(model) -> GroupSpec:
+    """The `GroupSpec` of a ResNet50 or MobileNetV3Large module (module docstring)."""
+    structure = trace_structure(model)
+    streams = []
+
+    def start(name, width, group, entries, blocks=()):
+        streams.append(dict(name=name, width=width, group=group, blocks=list(blocks),
+                            entries=list(entries)))
+        return streams[-1]
+
+    relu, hard_swish = groups.ADMITTED['relu'], groups.ADMITTED['hard_swish']
+    resnet = structure.model == 'ResNet50'
+    x = start('stem', structure.stem.n_out, relu if resnet else hard_swish,
+              _writes(structure.stem))
+    for block in structure.blocks:
+        if isinstance(block, Bottleneck):
+            first, middle, last = block.convs
+            x['entries'] += _reads(first) + (_reads(block.shortcut) if block.shortcut else [])
+            for i, (layer, reader) in enumerate(((first, middle), (middle, last)), 1):
+                start(f'{block.name}/hidden{i}', layer.n_out, relu,
+                      _writes(layer) + _reads(reader), [block.name])
+            if block.shortcut:
+                x = start(block.name, last.n_out, relu, _writes(block.shortcut))
+            output = last
+        else:
+            admitted = groups.ADMITTED[block.activation]
+            expanded = x
+            if block.expand:
+                x['entries'] += _reads(block.expand)
+                expanded = start(f'{block.name}/expanded', block.expand.n_out, admitted,
+                                 _writes(block.expand), [block.name])
+            # The depthwise conv maps channel j to channel j: one T before and after it, a
+            # permutation times a diagonal (no other T keeps the conv per channel).
+            expanded['group'] = groups.meet(groups.meet(expanded['group'], admitted),
+                                            'scaled_permutation')
+            expanded['entries'] += _reads(block.depthwise) + _writes(block.depthwise)
+            if block.squeeze:
+                fc1, fc2 = block.squeeze
+                expanded['entries'] += _reads(fc1) + _gate(fc2)
+                start(f'{block.name}/squeeze', fc1.n_out, relu, _writes(fc1) + _reads(fc2),
+                      [block.name])
+            expanded['entries'] += _reads(block.project)
+            if not block.residual:
+                x = start(block.name, block.project.n_out, groups.ADMITTED['identity'], [])
+            output = block.project
+        x['blocks'].append(block.name)
+        x['entries'] += _writes(output)
+    for layer in structure.head[:-1]:  # MobileNet's last_conv and fc1, each followed by hswish
+        x['entries'] += _reads(layer)
+        x = start(layer.path, layer.n_out, hard_swish, _writes(layer))
+    x['entries'] += _reads(structure.head[-1])
+    return GroupSpec(
+        structure=structure,
+        streams=tuple(Stream(s['name'], s['width'], s['group'], tuple(s['blocks']),
+                             tuple(s['entries'])) for s in streams),
+        hidden=())
+
+
+# Folding, the forward pass, and back to the Flax model.
+
+def fold(spec: GroupSpec, variables, dtype=np.float32) -> dict:
+    """The inference form {layer path: {'kernel': W s, 'bias': c s + t}} of a baseline's
+    variables (module docstring), computed in float64 and cast to `dtype` once."""
+    structure = spec.structure
+    check_variables(structure, variables)
+    form = {}
+    for layer in layers(structure):
+        path = layer.path.split('/')
+        kernel = read(variables, 'params', *path, 'kernel')
+        bias = (read(variables, 'params', *path, 'bias') if layer.own_bias
+                else np.zeros(layer.n_out))
+        if layer.bn:
+            s, t = batch_norm(structure, variables, *layer.bn.split('/'))
+            kernel, bias = kernel * s, bias * s + t
+        form[layer.path] = {'kernel': kernel, 'bias': bias}
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), form)
+
+
+def _affine(layer: Layer, p: dict, x: jax.Array) -> jax.Array:
+    if layer.kind == 'dense':
+        return jnp.dot(x, p['kernel'], precision=HIGHEST) + p['bias']
+    return jax.lax.conv_general_dilated(
+        x, p['kernel'], window_strides=layer.stride, padding=layer.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=x.shape[-1] if layer.kind == 'depthwise' else 1,
+        precision=HIGHEST) + p['bias']
+
+
+def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
+    """Logits of a baseline's inference form on NHWC `images`, computed in the form's dtype.
+
+    Equals `model.apply(variables, images, train=False)` for `form = fold(spec, variables)`.
+    """
+    dtype = compute_dtype(form)
+    return _forward(spec.structure, jax.tree_util.tree_map(jnp.asarray, form),
+                    jnp.asarray(images, dtype))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(structure: BaselineStructure, form: dict, x: jax.Array) -> jax.Array:
+    """The equations of the module docstring."""
+
+    def affine(layer, x):
+        return _affine(layer, form[layer.path], x)
+
+    if structure.model == 'ResNet50':
+        x = nn.max_pool(nn.relu(affine(structure.stem, x)), (3, 3), strides=(2, 2),
+                        padding=((1, 1), (1, 1)))
+        for block in structure.blocks:
+            first, middle, last = block.convs
+            y = affine(last, nn.relu(affine(middle, nn.relu(affine(first, x)))))
+            x = nn.relu((affine(block.shortcut, x) if block.shortcut else x) + y)
+        return affine(structure.head[0], jnp.mean(x, axis=(1, 2)))
+    x = nn.hard_swish(affine(structure.stem, x))
+    for block in structure.blocks:
+        act = getattr(jax.nn, block.activation)
+        expanded = act(affine(block.expand, x)) if block.expand else x
+        expanded = act(affine(block.depthwise, expanded))
+        if block.squeeze:
+            fc1, fc2 = block.squeeze
+            squeezed = nn.relu(affine(fc1, jnp.mean(expanded, axis=(1, 2), keepdims=True)))
+            expanded = expanded * nn.hard_sigmoid(affine(fc2, squeezed))
+        y = affine(block.project, expanded)
+        x = x + y if block.residual else y
+    last_conv, fc1, fc2 = structure.head
+    x = jnp.mean(nn.hard_swish(affine(last_conv, x)), axis=(1, 2))
+    return affine(fc2, nn.hard_swish(affine(fc1, x)))
+
+
+def _put(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split('/')
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def unfold(spec: GroupSpec, form: dict, dtype=np.float32) -> dict:
+    """Variables of the same Flax model that compute the form's function: each layer's kernel
+    (and own bias) from the form, its BatchNorm x -> x + b (scale 1, mean 0, var 1 - eps)."""
+    structure = spec.structure
+    params, stats = {}, {}
+    for layer in layers(structure):
+        p = form[layer.path]
+        if layer.bn:
+            _put(params, layer.path, {'kernel': p['kernel']})
+            bn_params, bn_stats = identity_bn(structure, layer.bn, p['bias'])
+            _put(params, layer.bn, bn_params)
+            _put(stats, layer.bn, bn_stats)
+        else:
+            _put(params, layer.path, {'kernel': p['kernel'], 'bias': p['bias']})
+    variables = {'params': params, 'batch_stats': stats}
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), variables)
