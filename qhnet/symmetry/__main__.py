@@ -9,12 +9,14 @@
    first --num_images test images (`verify`), writes the transformed inference form
    (orbax, <output_workdir>/full_group_form), reads it back and evaluates it with
    `symmetry.apply` on the whole test split.
-3. The Flax model has no parameters for its identity shortcuts, so the full group's
+3. A QHNet (Flax) has no parameters for its identity shortcuts, so the full group's
    T_in^-1 T_out there has no place in it. Samples an element of the subgroup that keeps
    them the identity (`tie_identity_shortcuts=True`), verifies it the same way, writes
    the transformed model as a checkpoint of the same model with `mixing=True`
    (`unfold`) to --output_workdir, reads it back with `restore_variables`, and evaluates
-   it and the original on the whole test split (`qhnet.train.evaluate`).
+   it and the original on the whole test split (`qhnet.train.evaluate`). For the
+   baselines (ResNet50, MobileNetV3) the subgroup is the whole group and the model's
+   config is unchanged: their layers hold any element as they are.
 
 It prints a summary and writes it as JSON to <output_workdir>/symmetry.json; the exit
 status is 1 if an element changed the logits by more than its tolerance. The written
@@ -128,7 +130,9 @@ def main(argv: list[str]) -> None:
     for name, result in summary['evaluation'].items():
         print(f'{name:>15}: top1 {result["top1"]:.4f}  top5 {result["top5"]:.4f}  '
               f'loss {result["loss"]:.4f}')
-    print(f'wrote the transformed model (tied subgroup, mixing=True) to {output_workdir} and the '
+    tied = summary['streams'] != summary['tied_streams']
+    written = ' (tied subgroup, model.mixing=True)' if tied else ''
+    print(f'wrote the transformed model{written} to {output_workdir} and the '
           f'full group\'s transformed inference form to {os.path.join(output_workdir, FORM_DIR)}')
     if not (summary['full_group']['invariant'] and summary['tied_group']['invariant']):
         sys.exit(1)
