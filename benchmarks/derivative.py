@@ -122,7 +122,7 @@ def run(args) -> dict:
 def markdown(report: dict, note: str) -> str:
     impls, modes = report['impls'], report['modes']
     lines = [
-        f'# Derivative operator K: implementations compared',
+        '# Derivative operator K: implementations compared',
         '',
         f'Device: **{report["device"]}**. Batch {report["batch"]}, {report["dtype"]}, '
         f'median of {report["reps"]} interleaved repetitions, milliseconds per call '

@@ -206,7 +206,7 @@ def markdown(report: dict) -> str:
         return f'{value:.2f}x'
 
     lines = [
-        f'# Models side by side: ResNet50 = 1.00x',
+        '# Models side by side: ResNet50 = 1.00x',
         '',
         f'Device: **{report["device"]}**. {report["image_size"]}x{report["image_size"]} images, '
         f'{report["num_classes"]} classes, batch {batch}, compute dtype {report["dtype"]} unless the '
@@ -235,7 +235,7 @@ def markdown(report: dict) -> str:
             f'| {row["peak_bytes_train"] / 2**20:.0f} '
             f'| {fmt_ratio(row["peak_bytes_train"] / base["peak_bytes_train"])} '
             f'| {row["peak_bytes_infer"] / 2**20:.0f} |')
-    lines += ['', f'Spread (half inter-quartile range / median) of the training-step times: ' + ', '.join(
+    lines += ['', 'Spread (half inter-quartile range / median) of the training-step times: ' + ', '.join(
         f'{row["label"]} {timing.spread(row["train_seconds"][clock]):.0%}' for row in rows) + '.']
     return '\n'.join(lines) + '\n'
 

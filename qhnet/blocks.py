@@ -19,7 +19,6 @@ closed under the channel-mixing group (DESIGN.md section 3): E = `mix_in` before
 and `mix_out` after the product on the output side (Eqs. 4, 5).
 """
 
-import functools
 from typing import Callable
 
 import flax.linen as nn

@@ -11,7 +11,6 @@ import jax
 from ml_collections import config_flags
 import pytest
 
-from configs import default
 from qhnet import data, models, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

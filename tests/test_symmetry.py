@@ -26,7 +26,6 @@ from configs import default
 from qhnet import models, params
 from qhnet import symmetry
 from qhnet.symmetry import groups
-from qhnet.symmetry import testing
 from qhnet.symmetry.testing import random_variables
 from tests.conftest import resize_images
 
