@@ -199,9 +199,7 @@ def main(argv=None) -> None:
     text = markdown(report, args.note)
     print(text)
     if args.out:
-        with open(args.out + '.md', 'w') as f:
-            f.write(text)
-        timing.write_json(args.out + '.json', report)
+        timing.write_report(args.out, text, report)
 
 
 if __name__ == '__main__':

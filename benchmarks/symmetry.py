@@ -128,9 +128,7 @@ def main() -> None:
                      f'{r64["tolerance"]:.1e} |')
     text = '\n'.join(lines) + '\n'
     print(text)
-    with open(args.out + '.md', 'w') as f:
-        f.write(text)
-    timing.write_json(args.out + '.json', {
+    timing.write_report(args.out, text, {
         'device': timing.device_name(), 'load': timing.load_average(), 'batch': args.batch,
         'reps': args.reps, 'results': results})
 

@@ -96,3 +96,11 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, 'w') as f:
         json.dump(payload, f, indent=1)
         f.write('\n')
+
+
+def write_report(stem: str, text: str, report: dict) -> None:
+    """The markdown `text` to <stem>.md and the `report` to <stem>.json."""
+    os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
+    with open(stem + '.md', 'w') as f:
+        f.write(text)
+    write_json(stem + '.json', report)

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+from benchmarks import timing
+
 ARCHITECTURES = {
     'w16-64-256': dict(widths=(16, 64, 256), depths=(1, 1, 1)),
     'w8-64-256': dict(widths=(8, 64, 256), depths=(1, 1, 1)),
@@ -134,10 +136,7 @@ def main() -> None:
             result = dict(future.result(), grid=args.grid)
             print(json.dumps(result), flush=True)
             report['results'].append(result)
-            with open(args.out + '.json', 'w', encoding='utf-8') as f:
-                json.dump(report, f, indent=1)
-            with open(args.out + '.md', 'w', encoding='utf-8') as f:
-                f.write(markdown(report))
+            timing.write_report(args.out, markdown(report), report)
 
 
 if __name__ == '__main__':
