@@ -41,12 +41,19 @@ import numpy as np
 import optax
 
 from benchmarks import timing
-from configs import default
-from qhnet import models, params, train
+from qhnet import config as qhnet_config
+from qhnet import models, train
 from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
 
 BASELINE = 'ResNet50'
 MAIN = 'Eq. (3) softball@ds'
+# Table 1 row title -> its key in qhnet.config.ROWS.
+ROW_KEYS = {row.title: key for key, row in qhnet_config.ROWS.items()}
+
+
+def row_config(title: str):
+    """The ImageNet-100 config of the Table 1 row titled `title`."""
+    return qhnet_config.row_config(ROW_KEYS[title])
 
 
 @dataclasses.dataclass
@@ -61,25 +68,25 @@ class Entry:
 def select_rows(spec: str) -> list[str]:
     """Table 1 rows from ';'-separated names: row names ('Eq. (7) no ws, x6') or their
     config modules ('eq7_nows_x6')."""
-    by_module = {module: row for row, (module, _) in params.TABLE1.items()}
+    by_module = {key: title for title, key in ROW_KEYS.items()}
     rows = []
     for name in filter(None, (part.strip() for part in spec.split(';'))):
-        row = name if name in params.TABLE1 else by_module.get(name)
+        row = name if name in ROW_KEYS else by_module.get(name)
         if row is None:
-            raise SystemExit(f'unknown model {name!r}; valid: {list(params.TABLE1)} or {list(by_module)}')
+            raise SystemExit(f'unknown model {name!r}; valid: {list(ROW_KEYS)} or {list(by_module)}')
         rows.append(row)
     return rows
 
 
 def entries(args) -> list[Entry]:
-    rows = [BASELINE] + [row for row in params.TABLE1 if row != BASELINE]
+    rows = [BASELINE] + [row for row in ROW_KEYS if row != BASELINE]
     if args.models != 'all':
         wanted = select_rows(args.models)
         rows = [BASELINE] + [row for row in rows if row in wanted and row != BASELINE]
     impl = args.impl
     out = []
     for row in rows:
-        is_qhnet = params.row_config(row).model.name == 'qhnet'
+        is_qhnet = row_config(row).model.name == 'qhnet'
         out.append(Entry(row, row, args.dtype, impl=impl if is_qhnet else None))
     if args.variants and MAIN in rows:
         other = 'bfloat16' if args.dtype == 'float32' else 'float32'
@@ -93,7 +100,7 @@ def entries(args) -> list[Entry]:
 
 
 def build(entry: Entry, num_classes: int):
-    model_config = params.row_config(entry.row).model
+    model_config = row_config(entry.row).model
     model_config.num_classes = num_classes
     model_config.dtype = entry.dtype
     if model_config.name == 'qhnet':
@@ -162,7 +169,7 @@ def prepare(entry: Entry, args, config) -> dict:
 
 
 def measure(args) -> dict:
-    config = default.get_config()
+    config = qhnet_config.get_config()
     prepared = []
     for entry in entries(args):
         print(f'compiling {entry.label} ...', file=sys.stderr, flush=True)

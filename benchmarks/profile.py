@@ -30,8 +30,7 @@ import jax
 
 from benchmarks import models as model_bench
 from benchmarks import timing
-from configs import default
-from qhnet import params
+from qhnet import config as qhnet_config
 
 DENSE = re.compile(r'^(Conv_\d+|coef|combine|shortcut|stem_conv|conv.*|Dense_\d+)$')
 NORM = re.compile(r'(BatchNorm|_bn$|^bn)')
@@ -176,10 +175,10 @@ def main(argv=None) -> None:
     parser.add_argument('--note', default='')
     parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
     args = parser.parse_args(argv)
-    config = default.get_config()
+    config = qhnet_config.get_config()
     results = []
     for row in model_bench.select_rows(args.models):
-        is_qhnet = params.row_config(row).model.name == 'qhnet'
+        is_qhnet = model_bench.row_config(row).model.name == 'qhnet'
         impl = (args.impl or model_bench.DEFAULT_IMPL) if is_qhnet else None
         entry = model_bench.Entry(row, row, args.dtype, impl=impl)
         print(f'profiling {row} ...', file=sys.stderr, flush=True)

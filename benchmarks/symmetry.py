@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from benchmarks import timing
-from qhnet import models, params
+from qhnet import config, models
 from qhnet import symmetry
 from qhnet.symmetry.testing import random_variables
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument('--out', default='benchmarks/symmetry')
     args = parser.parse_args()
 
-    model = models.build(params.row_config('Eq. (3) softball@ds').model)
+    model = models.build(config.row_config('eq3_softball').model)
     images = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
     variables = random_variables(model, images.shape)
     # Unclipped, 16 quadratic blocks overflow unless their updates are smaller.

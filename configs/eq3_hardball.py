@@ -6,12 +6,8 @@
 Paper: 83.50% top-1 on ImageNet-100 (224x224, 50 epochs).
 """
 
-from configs import default
+from qhnet import config
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
-    config.model.equation = 3
-    config.model.activation = 'hardball'
-    config.model.placement = 'ds'
-    return config
+    return config.row_config('eq3_hardball', variant)

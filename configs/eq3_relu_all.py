@@ -6,12 +6,8 @@
 Paper: 82.06% top-1 on ImageNet-100 (224x224, 50 epochs).
 """
 
-from configs import default
+from qhnet import config
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
-    config.model.equation = 3
-    config.model.activation = 'relu'
-    config.model.placement = 'all'
-    return config
+    return config.row_config('eq3_relu_all', variant)

@@ -7,12 +7,8 @@ Paper: 83.66% top-1 on ImageNet-100 (224x224, 50 epochs). Fashion-MNIST variant:
 test top-1 after 4 epochs, 11 minutes on 2 CPU cores (README).
 """
 
-from configs import default
+from qhnet import config
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
-    config.model.equation = 3
-    config.model.activation = 'softball'
-    config.model.placement = 'ds'
-    return config
+    return config.row_config('eq3_softball', variant)

@@ -6,14 +6,8 @@
 Paper: 84.96% top-1 on ImageNet-100 (224x224, 50 epochs).
 """
 
-from configs import default
+from qhnet import config
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
-    config.model.equation = 7
-    config.model.activation = 'softball'
-    config.model.placement = 'ds'
-    config.model.weight_sharing = False
-    config.model.multiplier = 6
-    return config
+    return config.row_config('eq7_nows_x6', variant)

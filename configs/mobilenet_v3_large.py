@@ -6,10 +6,8 @@
 Paper: 82.91% top-1 on ImageNet-100 (224x224, 50 epochs).
 """
 
-from configs import default
+from qhnet import config
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
-    config.model.name = 'mobilenet_v3_large'
-    return config
+    return config.row_config('mobilenet_v3_large', variant)

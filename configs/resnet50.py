@@ -6,10 +6,8 @@
 Paper: 84.52% top-1 on ImageNet-100 (224x224, 50 epochs).
 """
 
-from configs import default
+from qhnet import config
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
-    config.model.name = 'resnet50'
-    return config
+    return config.row_config('resnet50', variant)

@@ -1,4 +1,4 @@
-"""Activations, selectable by name (DESIGN.md section 2).
+"""Activations, selectable by name (docs/design.md, 'Activations').
 
 `hardball` and `softball` act on the vector of channels at each pixel and use the
 Euclidean norm over the channel axis with radius R = sqrt(n), n the channel

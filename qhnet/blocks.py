@@ -1,4 +1,4 @@
-"""The quasi-linear block family: paper Eqs. (3)-(7), as specified in DESIGN.md section 1.
+"""The quasi-linear block family: paper Eqs. (3)-(7) (docs/design.md, 'The block family').
 
 Notation: the block input `u` has n channels, the output n' (n, or 2n in the first
 block of stages 2-4); m is the multiplier. C, A are 1x1 convs (no bias), K the
@@ -14,7 +14,7 @@ downsamples. The stride sits in K and in the 1x1 convs that must match its
 resolution.
 
 Optional mixing maps (`mixing=True`, identity at initialisation) make every block
-closed under the channel-mixing group (DESIGN.md section 3): E = `mix_in` before K
+closed under the channel-mixing group (docs/design.md, 'Streams and groups'): E = `mix_in` before K
 (Eqs. 3, 5, and 4 without weight sharing) or on the bare `u` factor (Eqs. 6, 7),
 and `mix_out` after the product on the output side (Eqs. 4, 5).
 """
@@ -148,13 +148,15 @@ class QuasiLinearBlock(nn.Module):
     def eq7(self, u: jax.Array, train: bool) -> jax.Array:
         """Eq. (7): du_i/dt = sum_j A_ij d/dx (sum_k C_jk u_j u_k) + sum_j B_ij d/dy (sum_k D_jk u_j u_k).
 
-            q(u) = BN_o(A BN_d(K [ (C u) * repeat_m(E u) ])),   C: n -> mn (C, D, ... stacked)
+            q(u) = BN_o(A BN_d(K [ BN_c(C u) * repeat_m(E u) ])),   C: n -> mn (C, D, ... stacked)
 
         Product channel (j, k) is (C_k u)_j * u_j, and K applies derivative k to it:
-        one 3x3 kernel per product channel (or per k with weight sharing).
+        one 3x3 kernel per product channel (or per k with weight sharing). BN_c on the
+        coefficient branch is the authors' Eq. (7)-type block (their `Bottleneck`: conv2,
+        bn2, product, depthwise conv1, bn1, conv3, bn3); Eqs. (3)-(6) have none.
         """
         n, m = u.shape[-1], self.multiplier
-        coef = self.conv1x1(m * n, 'coef')(u)
+        coef = self.batch_norm(train, 'coef_bn')(self.conv1x1(m * n, 'coef')(u))
         product = coef * jnp.repeat(self.mix(u, 'mix_in'), m, axis=-1)
         derivative = self.batch_norm(train, 'derivative_bn')(
             self.derivative(self.stride, expand=False)(product))

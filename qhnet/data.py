@@ -55,6 +55,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from qhnet import config
+
 NAMES = ('fashion_mnist', 'digits', 'imagenet100')
 FORMATS = ('auto', 'imagefolder', 'tfds')
 SPLITS = ('train', 'test')
@@ -178,29 +180,30 @@ class _Settings:
 
 
 def _read_settings(data_config) -> _Settings:
-    name = data_config.get('name')
+    config.check_section(data_config, config.data_config(), 'config.data')
+    name = data_config.name
     if not isinstance(name, str) or not name or ':' in name:
         raise ValueError(f'config.data.name must be one of {NAMES} or the name of a prepared TFDS '
                          f'dataset, got {name!r}')
-    data_format = data_config.get('format', 'auto')
+    data_format = data_config.format
     if data_format not in FORMATS:
         raise ValueError(f'config.data.format must be one of {FORMATS}, got {data_format!r}')
-    image_size = data_config.get('image_size')
+    image_size = data_config.image_size
     if image_size is not None and (not isinstance(image_size, (int, np.integer))
                                    or image_size < 1):
         raise ValueError(f'config.data.image_size must be None or a positive int, '
                          f'got {image_size!r}')
-    channels = data_config.get('channels')
+    channels = data_config.channels
     if channels not in (None, 1, 3):
         raise ValueError(f'config.data.channels must be one of (None, 1, 3), got {channels!r}')
-    num_workers = data_config.get('num_workers', 8)
+    num_workers = data_config.num_workers
     if not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
         raise ValueError(f'config.data.num_workers must be a positive int, got {num_workers!r}')
-    data_dir = data_config.get('data_dir')
-    class_list = data_config.get('class_list')
+    data_dir = data_config.data_dir
+    class_list = data_config.class_list
     return _Settings(name=name, data_dir=None if data_dir is None else os.fspath(data_dir),
                      format=data_format, image_size=None if image_size is None else int(image_size),
-                     channels=channels, augment=bool(data_config.get('augment', False)),
+                     channels=channels, augment=bool(data_config.augment),
                      num_workers=int(num_workers),
                      class_list=None if class_list is None else os.fspath(class_list))
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qhnet import activations, baselines
+from qhnet import activations, baselines, config
 from qhnet.blocks import CONV_INIT, EQUATIONS, QuasiLinearBlock
 from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
 
@@ -32,8 +32,15 @@ class QHNet(nn.Module):
     `stem='imagenet'`: 7x7/2 conv, BN, ReLU, 3x3/2 max pool (timm ResNet50 layout,
     expansion 1: widths (64, 128, 256, 512), depths (3, 4, 6, 3)). `stem='small'`:
     3x3/1 conv, BN, ReLU, no pool, for 28x28 and 32x32 images. Every stage after the
-    first starts with a stride-2 block. `placement='ds'` applies the activation once
-    per stage, after its first block; `'all'` after every block. `remat=True` recomputes
+    first starts with a downsampling block: stride 2 and a projection shortcut.
+
+    Activation placement (docs/design.md, 'Network and placement'), as in the authors'
+    code: `placement='ds'` applies the activation after every downsampling block and
+    after the last block, before global pooling: blocks 4, 8, 14 and 16 of the ResNet50
+    layout, none in stage 1, where the stem's ReLU is the last activation. `'all'`
+    applies it after every block. When the last block is itself a downsampling block
+    (depths ending in 1, as in the small-input variants), it carries the activation
+    once, not twice. `remat=True` recomputes
     each block's activations in the backward pass (`nn.remat`: less memory, more compute);
     `derivative_impl` picks K's XLA program (`qhnet.derivative.IMPLEMENTATIONS`). Neither
     changes the parameters or the function.
@@ -67,15 +74,18 @@ class QHNet(nn.Module):
         x = nn.relu(x)
         if self.stem == 'imagenet':
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        last = (len(self.depths) - 1, self.depths[-1] - 1)
         for stage, (width, depth) in enumerate(zip(self.widths, self.depths)):
             for index in range(depth):
-                carries_activation = self.placement == 'all' or index == 0
+                downsamples = stage > 0 and index == 0
+                carries_activation = (self.placement == 'all' or downsamples
+                                      or (stage, index) == last)
                 x = block(
                     features=width,
                     equation=self.equation,
                     multiplier=self.multiplier,
                     weight_sharing=self.weight_sharing,
-                    stride=2 if stage > 0 and index == 0 else 1,
+                    stride=2 if downsamples else 1,
                     mixing=self.mixing,
                     activation=self.activation if carries_activation else 'identity',
                     dtype=self.dtype,
@@ -87,9 +97,6 @@ class QHNet(nn.Module):
 
 
 MODEL_NAMES = ('qhnet', 'resnet50', 'mobilenet_v3_large')
-QHNET_FIELDS = ('equation', 'activation', 'placement', 'multiplier', 'weight_sharing', 'mixing',
-                'stem', 'widths', 'depths', 'remat', 'derivative_impl')
-COMMON_FIELDS = ('name', 'num_classes', 'dtype')
 
 
 def _choice(field: str, value, valid) -> None:
@@ -98,13 +105,11 @@ def _choice(field: str, value, valid) -> None:
 
 
 def validate(model_config: ml_collections.ConfigDict) -> None:
-    """Checks every field of a `model` config section, naming the bad one and the fix."""
-    unknown = sorted(set(model_config.keys()) - set(COMMON_FIELDS + QHNET_FIELDS))
-    if unknown:
-        raise ValueError(f'unknown model config keys {unknown}; valid keys: '
-                         f'{sorted(COMMON_FIELDS + QHNET_FIELDS)}')
+    """Checks every field of a `model` config section (the keys of `qhnet.config.model_config`),
+    naming the bad one and the fix."""
+    config.check_section(model_config, config.model_config(), 'config.model')
     _choice('name', model_config.name, MODEL_NAMES)
-    _choice('dtype', model_config.get('dtype', 'float32'), DTYPES)
+    _choice('dtype', model_config.dtype, DTYPES)
     if not (isinstance(model_config.num_classes, int) and model_config.num_classes > 0):
         raise ValueError(f'model.num_classes must be a positive integer, got {model_config.num_classes!r}')
     if model_config.name != 'qhnet':
@@ -113,8 +118,8 @@ def validate(model_config: ml_collections.ConfigDict) -> None:
     _choice('activation', model_config.activation, activations.ACTIVATIONS)
     _choice('placement', model_config.placement, PLACEMENTS)
     _choice('stem', model_config.stem, STEMS)
-    _choice('derivative_impl', model_config.get('derivative_impl', DEFAULT_IMPL), IMPLEMENTATIONS)
-    if not isinstance(model_config.get('remat', False), bool):
+    _choice('derivative_impl', model_config.derivative_impl, IMPLEMENTATIONS)
+    if not isinstance(model_config.remat, bool):
         raise ValueError(f'model.remat must be True or False, got {model_config.remat!r}')
     widths, depths = tuple(model_config.widths), tuple(model_config.depths)
     if not widths or len(widths) != len(depths) or min(widths + depths) < 1:
@@ -134,7 +139,7 @@ def validate(model_config: ml_collections.ConfigDict) -> None:
 def build(model_config: ml_collections.ConfigDict) -> nn.Module:
     """The linen Module that `model_config` (a config's `model` section) describes."""
     validate(model_config)
-    dtype = DTYPES[model_config.get('dtype', 'float32')]
+    dtype = DTYPES[model_config.dtype]
     if model_config.name == 'resnet50':
         return baselines.ResNet50(num_classes=model_config.num_classes, dtype=dtype)
     if model_config.name == 'mobilenet_v3_large':
@@ -151,5 +156,5 @@ def build(model_config: ml_collections.ConfigDict) -> nn.Module:
         depths=tuple(model_config.depths),
         num_classes=model_config.num_classes,
         dtype=dtype,
-        remat=bool(model_config.get('remat', False)),
-        derivative_impl=model_config.get('derivative_impl', DEFAULT_IMPL))
+        remat=model_config.remat,
+        derivative_impl=model_config.derivative_impl)

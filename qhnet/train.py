@@ -1,8 +1,8 @@
-"""Training and evaluation of every model in `configs/`, on one device or many.
+"""Training and evaluation of every model that `qhnet.config` describes, on one device or many.
 
 `train_and_evaluate(config, workdir)` runs the paper's recipe (SGD with momentum,
 linear warmup then cosine decay, weight decay, label smoothing; see
-configs/default.py) under `jax.jit` over a `Mesh` of all devices: each global
+qhnet/config.py) under `jax.jit` over a `Mesh` of all devices: each global
 batch is sharded over the mesh's 'data' axis, parameters and optimizer state are
 replicated. It evaluates top-1, top-5 and loss on the test split after every
 epoch, saves orbax checkpoints (periodic, per epoch, final; the newest
@@ -41,20 +41,8 @@ import optax
 import tqdm
 
 from qhnet import checkpoints, data, metrics, models
+from qhnet import config as qhnet_config
 
-# The keys of each config section; `model` is checked by `qhnet.models.validate`.
-CONFIG_KEYS = {
-    '': ('model', 'data', 'seed', 'batch_size', 'eval_batch_size', 'num_epochs',
-         'num_train_steps', 'optimizer', 'label_smoothing', 'checkpoint', 'breakdown',
-         'log_every_steps', 'progress_bar', 'debug'),
-    'data': ('name', 'data_dir', 'format', 'image_size', 'channels', 'augment', 'num_workers',
-             'class_list'),
-    'optimizer': ('base_lr', 'reference_batch_size', 'momentum', 'nesterov', 'weight_decay',
-                  'warmup_epochs', 'init_lr', 'end_lr'),
-    'checkpoint': ('every_steps', 'max_to_keep'),
-    'breakdown': ('lr_factor', 'max_retries'),
-    'debug': ('inject_nan_at_step', 'inject_nan_times', 'crash_after_step'),
-}
 # Config fields that fix what the parameters mean: a workdir holding a checkpoint
 # that differs in any of them belongs to another experiment. Model fields that change
 # only how the function is computed are not among them.
@@ -99,17 +87,6 @@ def _fail(message: str) -> None:
     raise ConfigError(message)
 
 
-def _check_keys(section: ml_collections.ConfigDict, name: str) -> None:
-    valid = CONFIG_KEYS[name]
-    unknown = sorted(set(section.keys()) - set(valid))
-    missing = sorted(set(valid) - set(section.keys()))
-    where = f'config.{name}' if name else 'config'
-    if unknown:
-        _fail(f'unknown key(s) {unknown} in {where}; valid keys: {list(valid)}')
-    if missing:
-        _fail(f'{where} lacks {missing}; start from configs/default.py')
-
-
 def _check_number(config: ml_collections.ConfigDict, path: str, *, low: float,
                   high: float = math.inf, low_open: bool = False, high_open: bool = False,
                   integer: bool = False) -> None:
@@ -131,9 +108,8 @@ def validate_config(config: ml_collections.ConfigDict) -> data.DatasetInfo:
     Raises ConfigError (a ValueError) naming the bad field and the valid choices, or
     data.DatasetNotFoundError with setup instructions. Returns the dataset's info.
     """
-    for name in CONFIG_KEYS:
-        _check_keys(config[name] if name else config, name)
     try:
+        qhnet_config.check_keys(config)
         models.validate(config.model)
     except ValueError as error:
         raise ConfigError(str(error)) from error

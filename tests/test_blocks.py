@@ -50,7 +50,7 @@ def test_downsampling_block_shapes_and_projection(stream, equation):
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
-# Parameter shapes per equation, from DESIGN.md section 1 (n = 8 in, n' = 16 out, m = 4).
+# Parameter shapes per equation (docs/design.md, 'The block family'; n = 8 in, n' = 16 out, m = 4).
 SHAPES = {
     3: {'coef': (1, 1, N, 4 * N), 'combine': (1, 1, 4 * N, 2 * N)},
     4: {'coef': (1, 1, N, 2 * N), 'combine': (1, 1, 4 * N, 2 * N)},
@@ -71,6 +71,10 @@ def test_parameter_shapes(stream, equation):
         assert params['derivative_bn']['scale'].shape == (4 * N,)
         assert params['out_bn']['scale'].shape == (2 * N,)
         assert 'mix_in' not in params and 'mix_out' not in params
+        # BN_c on the coefficient branch: Eq. (7) only, as in the authors' code.
+        assert ('coef_bn' in params) == (equation == 7)
+        if equation == 7:
+            assert params['coef_bn']['scale'].shape == (4 * N,)
 
 
 @pytest.mark.parametrize('expand', [True, False])
@@ -88,7 +92,8 @@ def test_weight_sharing_really_shares(stream, expand):
     np.testing.assert_array_equal(changed, np.broadcast_to(np.arange(m) == k, (N, m)))
 
 
-# Where each equation needs a mixing map (DESIGN.md section 3), with and without weight sharing.
+# Where each equation needs a mixing map (docs/design.md, 'Streams and groups'), with and without
+# weight sharing.
 MIXING = {
     (3, True): {'mix_in'}, (3, False): {'mix_in'},
     (4, True): {'mix_out'}, (4, False): {'mix_in', 'mix_out'},

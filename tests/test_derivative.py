@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
+from qhnet import config as qhnet_config
 from qhnet import models
 from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, Derivative, depthwise_conv
 
@@ -224,7 +224,7 @@ def test_model_impls_and_remat_agree(digits, equation, weight_sharing):
 
 
 def test_config_and_validation():
-    config = default.get_config().model
+    config = qhnet_config.get_config().model
     assert config.derivative_impl == DEFAULT_IMPL and config.remat is False
     model = models.build(config)
     assert model.derivative_impl == DEFAULT_IMPL and not model.remat

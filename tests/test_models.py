@@ -1,23 +1,25 @@
 """The model zoo: shapes, train/eval modes, jitted forward and backward passes on real
 images, activation placement, and clear errors for bad configs."""
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from configs import default
-from qhnet import models, params
+from qhnet import activations, config, models
 from tests.conftest import resize_images
 
-ROWS = sorted(params.TABLE1)
+ROWS = sorted(config.ROWS)
 
 
 def qhnet_config(**overrides):
-    config = default.model_config()
-    config.update(overrides)
-    return config
+    model_config = config.model_config()
+    model_config.update(overrides)
+    return model_config
 
 
 SMALL = dict(stem='small', widths=(8, 16, 32), depths=(2, 1, 1), num_classes=10)
@@ -25,7 +27,7 @@ SMALL = dict(stem='small', widths=(8, 16, 32), depths=(2, 1, 1), num_classes=10)
 
 @pytest.mark.parametrize('row', ROWS)
 def test_full_size_output_shapes(row):
-    model = models.build(params.row_config(row).model)
+    model = models.build(config.row_config(row).model)
     images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
     logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
@@ -59,7 +61,7 @@ def loss_and_grads(model, variables, images, labels):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
 
 
-QHNET_ROWS = [row for row in ROWS if params.TABLE1[row][0] not in ('resnet50', 'mobilenet_v3_large')]
+QHNET_ROWS = [row for row in ROWS if config.ROWS[row].model['name'] == 'qhnet']
 
 
 def check_forward_backward(model_config, images, labels):
@@ -77,7 +79,7 @@ def check_forward_backward(model_config, images, labels):
 def test_every_qhnet_row_trains_on_real_images(digits, row):
     """Forward and backward under jit through each row's blocks in the small-input network
     (the baselines' passes are in test_baselines.py)."""
-    model_config = params.row_config(row).model
+    model_config = config.row_config(row).model
     model_config.update(SMALL)
     images, labels = resize_images(digits[0][:8], 28, 1), jnp.asarray(digits[1][:8])
     check_forward_backward(model_config, images, labels)
@@ -88,7 +90,7 @@ def test_every_qhnet_row_trains_on_real_images(digits, row):
 def test_every_full_size_row_trains_on_real_images(digits, row):
     """Forward and backward under jit through every full-size network (64x64 real digits)."""
     images, labels = resize_images(digits[0][:2], 64, 3), jnp.asarray(digits[1][:2])
-    check_forward_backward(params.row_config(row).model, images, labels)
+    check_forward_backward(config.row_config(row).model, images, labels)
 
 
 def test_bfloat16_compute_keeps_float32_parameters(digits):
@@ -100,23 +102,60 @@ def test_bfloat16_compute_keeps_float32_parameters(digits):
     assert logits.dtype == jnp.float32 and np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize('placement,carriers', [('all', 4), ('ds', 3)])
-def test_activation_placement(digits, placement, carriers):
-    """relu@all makes every block output non-negative; relu@ds only each stage's first block."""
-    images = resize_images(digits[0][:4], 28, 1)
-    model = models.build(qhnet_config(activation='relu', placement=placement, **SMALL))
+def block_inputs_and_outputs(model, variables, images):
+    """[(name, block input, shortcut(input), block output)] in order, and the logits."""
+    logits, state = model.apply(variables, images, capture_intermediates=True,
+                                mutable=['intermediates'])
+    captured = state['intermediates']
+    x = jax.nn.relu(captured['stem_bn']['__call__'][0])
+    if model.stem == 'imagenet':
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    blocks = []
+    for name in sorted((k for k in captured if k.startswith('stage')),
+                       key=lambda k: tuple(int(p) for p in re.findall(r'\d+', k))):
+        shortcut = captured[name]['shortcut_bn']['__call__'][0] if 'shortcut_bn' in captured[name] else x
+        output = captured[name]['__call__'][0]
+        blocks.append((name, x, shortcut, output))
+        x = output
+    return blocks, logits
+
+
+# Where the activation sits: after every downsampling block and after the last (the authors'
+# resnet.py), or after every block.
+RESNET50_DS = {'stage2_block1', 'stage3_block1', 'stage4_block1', 'stage4_block3'}
+
+
+@pytest.mark.parametrize('layout,placement,carriers', [
+    ({}, 'ds', RESNET50_DS),
+    ({}, 'all', None),
+    # Small-input variant whose last block also downsamples: the activation once, not twice.
+    (dict(stem='small', widths=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=10), 'ds',
+     {'stage2_block1', 'stage3_block1', 'stage4_block1'}),
+    (dict(SMALL), 'ds', {'stage2_block1', 'stage3_block1'}),
+])
+def test_activation_placement(digits, layout, placement, carriers):
+    """At initialisation every block's update q(u) is zero (BN_o's scale starts at zero), so a
+    block outputs act(shortcut(u)) if it carries the activation and shortcut(u) if not; the head
+    reads the global average of the last block's output."""
+    images = resize_images(digits[0][:2], 64 if not layout else 28, 3 if not layout else 1)
+    model = models.build(qhnet_config(activation='softball', placement=placement, **layout))
     variables = model.init(jax.random.key(0), images)
-    # Non-zero output scales and shifts so that every block's update is active.
-    variables = jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.full_like(x, -0.5) if 'out_bn' in str(path) and 'bias' in str(path)
-        else (jnp.ones_like(x) if 'out_bn' in str(path) else x), variables)
-    _, state = model.apply(variables, images, capture_intermediates=True, mutable=['intermediates'])
-    blocks = {name: value['__call__'][0] for name, value in state['intermediates'].items()
-              if name.startswith('stage')}
-    assert len(blocks) == 4
-    non_negative = {name for name, out in blocks.items() if (out >= 0).all()}
-    assert len(non_negative) == carriers
-    assert {'stage1_block1', 'stage2_block1', 'stage3_block1'} <= non_negative
+    blocks, logits = block_inputs_and_outputs(model, variables, images)
+    carriers = {name for name, *_ in blocks} if carriers is None else carriers
+    assert carriers <= {name for name, *_ in blocks}
+    for name, block_input, shortcut, output in blocks:
+        expected = activations.softball(shortcut) if name in carriers else shortcut
+        np.testing.assert_allclose(output, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+        # Each activation visibly changes its input, so the check above can fail.
+        assert np.abs(activations.softball(shortcut) - shortcut).max() > 1e-3
+    # Stage 1 of the ResNet50 layout at @ds: its first block passes its input through.
+    if not layout and placement == 'ds':
+        name, block_input, _, output = blocks[0]
+        assert name == 'stage1_block1'
+        np.testing.assert_array_equal(output, block_input)
+    head = variables['params']['head']
+    pooled = jnp.mean(blocks[-1][3], axis=(1, 2))
+    np.testing.assert_allclose(logits, pooled @ head['kernel'] + head['bias'], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('field,value,valid', [
@@ -133,10 +172,10 @@ def test_bad_choices_fail_at_build_listing_valid_ones(field, value, valid):
 
 
 def test_bad_structure_fails_at_build():
-    config = qhnet_config()
-    config.widht = 3
-    with pytest.raises(ValueError, match="unknown model config keys \\['widht'\\]"):
-        models.build(config)
+    model_config = qhnet_config()
+    model_config.widht = 3
+    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['widht'\\] in config.model"):
+        models.build(model_config)
     with pytest.raises(ValueError, match='same length'):
         models.build(qhnet_config(widths=(8, 16), depths=(1,)))
     with pytest.raises(ValueError, match='Eq. \\(5\\)'):

@@ -22,8 +22,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
-from qhnet import models, params
+from qhnet import config, models
 from qhnet import symmetry
 from qhnet.symmetry import groups
 from qhnet.symmetry.testing import random_variables
@@ -32,15 +31,17 @@ from tests.conftest import resize_images
 EPS32 = float(np.finfo(np.float32).eps)
 ACTIVATIONS = ('relu', 'hardtanh', 'hardball', 'softball', 'identity')
 PLACEMENTS = ('ds', 'all')
-SMALL = dict(stem='small', widths=(8, 16, 32), depths=(2, 2, 1), num_classes=10)
+# Stage 1 without a carrier, a downsampling carrier alone (stage 2), and a last block that
+# carries the activation without downsampling (stage 3), as in the ResNet50 layout.
+SMALL = dict(stem='small', widths=(8, 16, 32), depths=(2, 1, 2), num_classes=10)
 ARCHITECTURE_FIELDS = ('equation', 'weight_sharing', 'multiplier')
 
 
 def table1_architectures() -> dict[str, dict]:
     """The distinct QHNet block architectures of Table 1: equation, weight sharing, multiplier."""
     found = {}
-    for row in params.TABLE1:
-        model_config = params.row_config(row).model
+    for row in config.ROWS:
+        model_config = config.row_config(row).model
         if model_config.name == 'qhnet':
             fields = {key: model_config[key] for key in ARCHITECTURE_FIELDS}
             name = f'eq{fields["equation"]}' + ('' if fields['weight_sharing'] else '_nows') + \
@@ -60,10 +61,10 @@ def images(digits) -> np.ndarray:
 
 def small_model(architecture: str, activation: str = 'softball', placement: str = 'ds',
                 **overrides):
-    config = default.model_config()
-    config.update(dict(ARCHITECTURES[architecture], activation=activation, placement=placement,
-                       **SMALL, **overrides))
-    return models.build(config)
+    model_config = config.model_config()
+    model_config.update(dict(ARCHITECTURES[architecture], activation=activation,
+                             placement=placement, **SMALL, **overrides))
+    return models.build(model_config)
 
 
 def flax_logits(model, variables, images, dtype=np.float32) -> np.ndarray:
@@ -143,7 +144,7 @@ def test_mixing_model_and_hidden_symmetries_alone(images):
 @pytest.mark.slow
 def test_full_size_eq3_softball():
     """The paper's main model at 224x224, on 2 random images."""
-    model = models.build(params.row_config('Eq. (3) softball@ds').model)
+    model = models.build(config.row_config('eq3_softball').model)
     images = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
     variables = random_variables(model, images.shape)
     spec = symmetry.group_spec(model)
@@ -162,10 +163,12 @@ def test_full_size_eq3_softball():
 
 def test_streams_follow_the_activations():
     spec = symmetry.group_spec(small_model('eq3', 'softball', 'ds'))
-    assert [(s.name, s.width, s.group) for s in spec.streams] == [
-        ('stem', 8, 'scaled_permutation'), ('stage1_block1', 8, 'O'), ('stage2_block1', 16, 'O'),
-        ('stage3_block1', 32, 'O')]
-    assert spec.streams[2].blocks == ('stage2_block1', 'stage2_block2')
+    # Stage 1 lies on the stem's ReLU stream; the last block's activation starts the last.
+    assert [(s.name, s.width, s.group, s.blocks) for s in spec.streams] == [
+        ('stem', 8, 'scaled_permutation', ('stage1_block1', 'stage1_block2')),
+        ('stage2_block1', 16, 'O', ('stage2_block1',)),
+        ('stage3_block1', 32, 'O', ('stage3_block1',)),
+        ('stage3_block2', 32, 'O', ('stage3_block2',))]
     relu_all = symmetry.group_spec(small_model('eq3', 'relu', 'all'))
     blocks = [b.name for b in relu_all.structure.blocks]
     assert [s.name for s in relu_all.streams] == ['stem'] + blocks
@@ -173,17 +176,17 @@ def test_streams_follow_the_activations():
     # With activation='identity' the carriers of the (identity) activation still start streams.
     identity = symmetry.group_spec(small_model('eq3', 'identity', 'ds'))
     assert [(s.name, s.group) for s in identity.streams] == [
-        ('stem', 'scaled_permutation'), ('stage1_block1', 'GL'), ('stage2_block1', 'GL'),
-        ('stage3_block1', 'GL')]
+        ('stem', 'scaled_permutation'), ('stage2_block1', 'GL'), ('stage3_block1', 'GL'),
+        ('stage3_block2', 'GL')]
 
 
 def test_tied_streams_keep_identity_shortcuts():
     """Tied across identity shortcuts, streams merge and their group is the intersection."""
     tied = symmetry.group_spec(small_model('eq3', 'softball', 'ds'), tie_identity_shortcuts=True)
     assert [(s.name, s.group, s.blocks) for s in tied.streams] == [
-        ('stem', 'permutation', ('stage1_block1', 'stage1_block2')),
-        ('stage2_block1', 'O', ('stage2_block1', 'stage2_block2')),
-        ('stage3_block1', 'O', ('stage3_block1',))]
+        ('stem', 'scaled_permutation', ('stage1_block1', 'stage1_block2')),
+        ('stage2_block1', 'O', ('stage2_block1',)),
+        ('stage3_block1', 'O', ('stage3_block1', 'stage3_block2'))]
     relu = symmetry.group_spec(small_model('eq3', 'relu', 'all'), tie_identity_shortcuts=True)
     assert [(s.name, s.group) for s in relu.streams] == [
         ('stem', 'scaled_permutation'), ('stage2_block1', 'scaled_permutation'),
@@ -192,12 +195,19 @@ def test_tied_streams_keep_identity_shortcuts():
     assert groups.meet('GL', 'signed_permutation') == 'signed_permutation'
 
 
-@pytest.mark.parametrize('row', [row for row in params.TABLE1 if 'Eq.' in row])
+@pytest.mark.parametrize('row', [row for row in config.ROWS if row.startswith('eq')])
 def test_spec_of_every_table1_row(row):
-    model_config = params.row_config(row).model
+    """@ds: the stem's stream through stage 1, then blocks 4, 8, 14 and 16 start streams."""
+    model_config = config.row_config(row).model
     spec = symmetry.group_spec(model_config)
-    repeats = model_config.depths if model_config.placement == 'all' else (1, 1, 1, 1)
-    widths = [w for w, r in zip((64, 128, 256, 512), repeats) for _ in range(r)]
+    if model_config.placement == 'all':
+        widths = [w for w, depth in zip((64, 128, 256, 512), (3, 4, 6, 3)) for _ in range(depth)]
+        assert [s.name for s in spec.streams[1:]] == [b.name for b in spec.structure.blocks]
+    else:
+        widths = [128, 256, 512, 512]
+        assert [s.name for s in spec.streams] == [
+            'stem', 'stage2_block1', 'stage3_block1', 'stage4_block1', 'stage4_block3']
+        assert spec.streams[0].blocks == ('stage1_block1', 'stage1_block2', 'stage1_block3')
     assert [s.width for s in spec.streams] == [64] + widths
     assert [s.group for s in spec.streams] == ['scaled_permutation'] + (len(spec.streams) - 1) * [
         symmetry.ADMITTED[model_config.activation]]
@@ -230,7 +240,7 @@ def test_other_models_are_refused():
     """QHNet models and the baselines (tests/test_symmetry_baselines.py) only."""
     with pytest.raises(ValueError, match='covers QHNet models and the baselines'):
         symmetry.group_spec(flax.linen.Dense(3))
-    assert symmetry.group_spec(params.row_config('ResNet50').model).structure.model == 'ResNet50'
+    assert symmetry.group_spec(config.row_config('resnet50').model).structure.model == 'ResNet50'
 
 
 # Negative controls: elements outside the admitted group must change the logits.
@@ -299,7 +309,7 @@ def test_act_then_inverse_returns_the_form(architecture):
 
 
 def test_trained_model_transformed_saved_and_reloaded(digits):
-    """Train a few steps, transform by a tied element, write it as Flax variables of the mixing
+    """Train 30 steps, transform by a tied element, write it as Flax variables of the mixing
     model, save and reload: the same predictions, the same accuracy."""
     images, labels = jnp.asarray(digits[0][:512]), jnp.asarray(digits[1][:512])
     model = small_model('eq3', 'softball', 'ds')
@@ -318,7 +328,7 @@ def test_trained_model_transformed_saved_and_reloaded(digits):
         return {'params': optax.apply_updates(variables['params'], changes), **updates}, opt_state
 
     opt_state = optimizer.init(variables['params'])
-    for i in range(15):
+    for i in range(30):
         variables, opt_state = step(variables, opt_state, np.arange(128) + 128 * (i % 4))
 
     spec = symmetry.group_spec(model, tie_identity_shortcuts=True)
@@ -356,13 +366,13 @@ def with_hidden(block, perm, scale):
 def test_bad_elements_are_refused(identity_model):
     spec, _, form = identity_model
     element = symmetry.sample(spec, jax.random.key(0))
-    singular = np.eye(8)
+    singular = np.eye(16)
     singular[3] = singular[2]
     rng = np.random.default_rng(0)
     cases = [
-        (with_stream(element, 'stage1_block1', singular), 'singular'),
-        (with_stream(element, 'stage1_block1', np.eye(16)), 'must be 8 x 8'),
-        (with_stream(element, 'stage1_block1', np.full((8, 8), np.nan)), 'non-finite'),
+        (with_stream(element, 'stage2_block1', singular), 'singular'),
+        (with_stream(element, 'stage2_block1', np.eye(8)), 'must be 16 x 16'),
+        (with_stream(element, 'stage2_block1', np.full((16, 16), np.nan)), 'non-finite'),
         (with_stream(element, 'stage2_block1', groups.sample_matrix(rng, 'GL', 16, 1e5)),
          'badly conditioned'),
         (with_stream(element, 'stem', groups.sample_matrix(rng, 'O', 8)),

@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import mobilenet_v3_large, resnet50
-from qhnet import models
+from qhnet import config, models
 from qhnet import symmetry
 from qhnet.symmetry import groups
 from qhnet.symmetry.testing import random_variables
 from tests.conftest import resize_images
 
-CONFIGS = {'resnet50': resnet50, 'mobilenet_v3_large': mobilenet_v3_large}
 IMAGE_SHAPE = (4, 32, 32, 3)
 
 
@@ -31,7 +29,7 @@ def images(digits) -> np.ndarray:
 
 
 def build_case(name: str) -> dict:
-    model = models.build(CONFIGS[name].get_config().model)
+    model = models.build(config.row_config(name).model)
     variables = random_variables(model, IMAGE_SHAPE)
     spec = symmetry.group_spec(model)
     return dict(model=model, variables=variables, spec=spec, flax32=jax.jit(model.apply),
@@ -45,7 +43,7 @@ def cases():
     return functools.cache(build_case)
 
 
-@pytest.fixture(scope='module', params=sorted(CONFIGS))
+@pytest.fixture(scope='module', params=['mobilenet_v3_large', 'resnet50'])
 def case(request, cases) -> dict:
     return cases(request.param)
 

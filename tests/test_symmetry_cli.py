@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from configs import eq3_softball
+from qhnet import config as qhnet_config
 from qhnet import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory) -> str:
     """Eq. (3) softball@ds on digits, trained for 20 steps."""
-    config = eq3_softball.get_config('digits')
+    config = qhnet_config.row_config('eq3_softball', 'digits')
     config.num_train_steps = 20
     config.optimizer.warmup_epochs = 0.2
     config.progress_bar = False

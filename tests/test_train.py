@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from qhnet import config as qhnet_config
 from qhnet import checkpoints, data, metrics, models, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ TOTAL_STEPS = 12
 
 def tiny_config(**overrides):
     """A 2-stage QHNet of widths (8, 16) on scikit-learn's digits, 12 steps of batch 32."""
-    config = default.get_config('digits')
+    config = qhnet_config.get_config('digits')
     config.model.widths = (8, 16)
     config.model.depths = (1, 1)
     config.batch_size = 32
@@ -67,7 +67,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_learning_rate_schedule_follows_the_recipe():
-    config = default.get_config()
+    config = qhnet_config.get_config()
     per_epoch = 126_689 // config.batch_size  # ImageNet-100 has 126,689 train images
     total = train.total_train_steps(config, per_epoch)
     warmup = train.warmup_steps(config, per_epoch)
@@ -94,7 +94,7 @@ def test_weight_decay_skips_biases_and_batchnorm():
 
 
 def real_batch(batch_size: int, name: str = 'fashion_mnist'):
-    config = default.get_config(name).data
+    config = qhnet_config.get_config(name).data
     return next(data.make_iterator(config, 'train', batch_size=batch_size, seed=0, train=True))
 
 
@@ -109,7 +109,7 @@ def one_step_setup(config, mesh):
 
 
 def test_one_training_step_on_fashion_mnist():
-    config = default.get_config('fashion_mnist')
+    config = qhnet_config.get_config('fashion_mnist')
     config.model.widths, config.model.depths = (8, 16), (1, 1)
     config.optimizer.warmup_epochs, config.optimizer.base_lr = 0.0, 0.1
     state, step = one_step_setup(config, train.make_mesh())
@@ -152,10 +152,10 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
 
 SHARDED_SCRIPT = r'''
 import jax, numpy as np
-from configs import default
+from qhnet import config as qhnet_config
 from qhnet import data, models, train
 assert jax.device_count() == 8, jax.devices()
-config = default.get_config('fashion_mnist')
+config = qhnet_config.get_config('fashion_mnist')
 config.model.widths, config.model.depths = (8, 16), (1, 1)
 config.optimizer.warmup_epochs, config.optimizer.base_lr = 0.0, 0.1
 model = models.build(config.model)

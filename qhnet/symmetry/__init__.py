@@ -1,4 +1,5 @@
-"""The continuous symmetry of QHNet (DESIGN.md section 3) as pure functions over pytrees.
+"""The continuous symmetry of QHNet as pure functions over pytrees (docs/design.md, 'Streams and
+groups').
 
 The same functions cover the baselines (ResNet50, MobileNetV3Large): their hidden-channel
 symmetries, permutations and positive scalings of relu channels, permutations of hardswish

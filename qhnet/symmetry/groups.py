@@ -1,7 +1,7 @@
 """The matrix groups that act on a stream, and which activation admits which.
 
 A stream's element T acts on its channels (row vectors) as u -> u T. An activation
-admits T when act(y T) = act(y) T for every y (DESIGN.md section 3):
+admits T when act(y T) = act(y) T for every y (docs/design.md, 'Streams and groups'):
 
     identity            GL(n)                        'GL'
     softball, hardball  O(n)                         'O'      (they depend on y only through |y|)

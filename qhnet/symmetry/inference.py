@@ -1,4 +1,5 @@
-"""The inference form of a QHNet: every BatchNorm folded into its neighbours (DESIGN.md section 3).
+"""The inference form of a QHNet: every BatchNorm folded into its neighbours (docs/design.md,
+'The fold').
 
 A BatchNorm with running statistics is the affine map BN(x) = x s + t, per channel, with
 
@@ -12,10 +13,10 @@ the block's stride. After folding, the blocks read
     Eq. (4): q(u) = [ (sub(u) C) * ((K_s(u E) + d) A) ] E_out + a    (E: only without sharing)
     Eq. (5): q(u) = sum_groups[ (sub(u) C) * (K_s(u E) + d) ] E_out + a
     Eq. (6): q(u) = K_s((u E) * (u C)) A + a
-    Eq. (7): q(u) = K_s((u C) * repeat_m(u E)) A + a
+    Eq. (7): q(u) = K_s((u C + c) * repeat_m(u E)) A + a
     y = act(sub(u) S + b + q(u))
 
-with keys coef = C, derivative = K, derivative_bias = d, mix_in = E, combine = A,
+with keys coef = C, coef_bias = c, derivative = K, derivative_bias = d, mix_in = E, combine = A,
 mix_out = E_out, out_bias = a, shortcut = S, shortcut_bias = b. The folds:
 
 - BN_d followed by a product (Eqs. 3, 5):
@@ -24,12 +25,13 @@ mix_out = E_out, out_bias = a, shortcut = S, shortcut_bias = b. The folds:
 - BN_d followed by A (Eq. 4): (K u s_d + t_d) A = (K u + t_d / s_d) diag(s_d) A,
   so A <- diag(s_d) A, d = t_d / s_d.
   (Eqs. 6, 7): A <- diag(s_d) A diag(s_o), a = t_d A diag(s_o) + t_o, no division.
+- BN_c into the coefficient map (Eq. 7): C <- C diag(s_c), c = t_c.
 - BN_o into the last linear map: A <- A diag(s_o) (Eqs. 3, 6, 7), E_out <- E_out diag(s_o)
   (Eqs. 4, 5), a = t_o.
 - A projection shortcut BN(sub(u) W): S = W diag(s), b = t; the identity shortcut: S = I, b = 0.
 - The stem BN into the stem conv: kernel <- kernel * s (output axis), bias = t.
 - Mixing maps E, E_out are explicit always: the Flax model's `mix_in`/`mix_out`, or the identity.
-  The coefficient factor needs no bias: no BN follows C, so it would be zero in every fold.
+  In Eqs. (3)-(6) the coefficient factor needs no bias: no BN follows C there.
 
 Folding runs in float64 in numpy (exact enough to match the Flax model to 1e-10 in
 float64) and casts the result to `dtype` once. `apply` is the pure forward pass of a form;
@@ -49,7 +51,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def uses_mix_in(structure: Structure) -> bool:
-    """Eq. (4) with weight sharing needs no E: K commutes with channel mixing (DESIGN.md s. 3)."""
+    """Eq. (4) with weight sharing needs no E: K commutes with channel mixing (docs/design.md)."""
     return not (structure.equation == 4 and structure.weight_sharing)
 
 
@@ -60,7 +62,8 @@ def block_keys(structure: Structure) -> tuple[str, ...]:
                 'out_bias'),
             5: ('coef', 'derivative', 'derivative_bias', 'mix_in', 'mix_out', 'out_bias'),
             6: ('coef', 'mix_in', 'derivative', 'combine', 'out_bias'),
-            7: ('coef', 'mix_in', 'derivative', 'combine', 'out_bias')}[structure.equation]
+            7: ('coef', 'coef_bias', 'mix_in', 'derivative', 'combine', 'out_bias')}[
+                structure.equation]
     if not uses_mix_in(structure):
         keys = tuple(k for k in keys if k != 'mix_in')
     return keys + ('shortcut', 'shortcut_bias')
@@ -122,6 +125,9 @@ def _fold_block(structure: Structure, variables, block: Block) -> dict[str, np.n
         form['combine'] = s_d[:, None] * matrix('combine')
     if eq in (4, 5):
         form['mix_out'] = mixing('mix_out', n_out) * s_o
+    if eq == 7:
+        s_c, t_c = batch_norm(structure, variables, name, 'coef_bn')
+        form['coef'], form['coef_bias'] = form['coef'] * s_c, t_c
     if eq in (6, 7):
         combine = matrix('combine')
         form['combine'] = s_d[:, None] * combine * s_o
@@ -219,7 +225,8 @@ def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> 
     if eq == 6:
         product = _dense(u, p['mix_in']) * _dense(u, p['coef'])
     else:
-        product = _dense(u, p['coef']) * jnp.repeat(_dense(u, p['mix_in']), m, axis=-1)
+        product = (_dense(u, p['coef']) + p['coef_bias']) * jnp.repeat(_dense(u, p['mix_in']), m,
+                                                                      axis=-1)
     return _dense(derivative(product), p['combine']) + p['out_bias']
 
 
@@ -284,6 +291,8 @@ def unfold(spec, form: dict, dtype=np.float32) -> dict:
         bn_d = p['derivative_bias'] if 'derivative_bias' in p else np.zeros(p['combine'].shape[0])
         bp, bs = {}, {}
         bp['coef'] = {'kernel': conv(p['coef'])}
+        if 'coef_bias' in p:
+            bp['coef_bn'], bs['coef_bn'] = identity_bn(structure, f'{name}/coef_bn', p['coef_bias'])
         bp['derivative'] = {'kernel': p['derivative']}
         bp['derivative_bn'], bs['derivative_bn'] = identity_bn(
             structure, f'{name}/derivative_bn', bn_d)

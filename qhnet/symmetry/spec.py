@@ -1,10 +1,12 @@
 """`group_spec`: which group acts on which axis of which array, derived from the model.
 
-Streams (DESIGN.md section 3). The stem's ReLU starts stream 'stem'. Every block that
-carries the activation (and any block whose shortcut is a projection) starts a new stream,
-named after it; other blocks read and write the stream they are on. A stream's group is
-the one its starting activation admits (`groups.ADMITTED`); the last stream ends at the
-head, a linear map that absorbs any T^-1. With T acting on a stream's channels as
+Streams (docs/design.md, 'Streams and groups'). The stem's ReLU starts stream 'stem'; at
+@ds it holds all of stage 1, which carries no activation. Every block that carries the
+activation (and any block whose shortcut is a projection) starts a new stream, named after
+it; other blocks read and write the stream they are on. A stream's group is the one its
+starting activation admits (`groups.ADMITTED`). The last block carries the activation
+(at @ds too), so the last stream starts there and ends at the head: global average pooling
+commutes with T and the head, a linear map, absorbs T^-1. With T acting on a stream's channels as
 u -> u T, an array axis is either
 
     'in'   the axis consumes the stream (C, E, S rows, the head):   W -> T^-1 W along it
@@ -116,6 +118,8 @@ def _hidden(structure: Structure, block: Block) -> Hidden:
         entries.append(HiddenEntry((name, 'derivative'), 3, 0))
     if eq in (3, 5):
         entries.append(HiddenEntry((name, 'derivative_bias'), 0, 0))
+    if eq == 7:
+        entries.append(HiddenEntry((name, 'coef_bias'), 0, 1))
     entries.append(HiddenEntry((name, 'mix_out' if eq == 5 else 'combine'), 0, -1))
     scale_size = {3: m * n, 5: block.n_out, 6: n, 7: m * n}[eq]
     return Hidden(name, n, scale_size, tuple(entries))

@@ -29,7 +29,7 @@ class Block:
     n_in: int
     n_out: int
     stride: int
-    carries_activation: bool  # the block ends with the model's activation ('ds': first of a stage)
+    carries_activation: bool  # ends with the model's activation ('ds': downsampling, or last)
     activation: str           # the model's activation if it carries it, else 'identity'
     projection: bool          # shortcut = BN(1x1 conv); otherwise the parameter-free identity
 
