@@ -147,8 +147,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     if variant == 'imagenet100':
         return
     if variant == 'fashion_mnist':
-        # Chosen by experiments/fashion_mnist_sweep.py to pass 92% test accuracy on
-        # 2 CPU cores (README).
+        # Chosen by experiments/fashion_mnist_sweep.py (with the earlier activation
+        # placement) to pass 92% test accuracy on 2 CPU cores; measured figures: README.
         config.data.name = 'fashion_mnist'
         config.data.image_size = 28
         config.data.augment = False
