@@ -20,9 +20,11 @@ Datasets, by `config.data.name`:
   `data_dir` as array_record (read with `tfds.data_source`, no TensorFlow).
 
 Nothing is ever downloaded: missing data raises `DatasetNotFoundError` with setup
-instructions. An image that cannot be decoded raises `CorruptImageError` naming
-its file (or TFDS record) instead of being skipped, so a stream never changes
-silently.
+instructions. Fashion-MNIST's files are read and checked when the dataset is
+opened (once per process while they are unchanged); a damaged one raises
+`CorruptDatasetError` naming it and saying how to replace it. An image that
+cannot be decoded raises `CorruptImageError` naming its file (or TFDS record)
+instead of being skipped, so a stream never changes silently.
 
 Training streams depend only on (seed, step): epoch e is the permutation of the
 split drawn from (seed, e), the global batch at step k holds positions
@@ -50,6 +52,7 @@ import io
 import math
 import os
 from typing import Callable, Iterator
+import zlib
 
 from absl import logging
 import numpy as np
@@ -68,6 +71,8 @@ _FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
+_FASHION_MNIST_SIZES = {'train': 60000, 'test': 10000}
+_FASHION_MNIST_IMAGE_SHAPE = (28, 28)
 _FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                           'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 _DIGITS_NUM_TRAIN = 1500
@@ -95,6 +100,11 @@ _FASHION_MNIST_SETUP = (
     f'{FASHION_MNIST_DIR}), or put the four files '
     f'{sorted(sum(_FASHION_MNIST_FILES.values(), ()))} from '
     'https://github.com/zalandoresearch/fashion-mnist in config.data.data_dir.')
+_FASHION_MNIST_REPAIR = (
+    'Reinstall the dataset with `sudo apt-get install --reinstall dataset-fashion-mnist`, or point '
+    'config.data.data_dir at a good copy of the four files.')
+# idx files: magic number 00 00 <dtype> <ndim>, then ndim big-endian uint32 dims, then the data.
+_IDX_UINT8 = 0x08
 _IMAGENET_SETUP = (
     'Set config.data.data_dir to either\n'
     '  (a) an ImageFolder root: <data_dir>/train/<wnid>/*.JPEG and <data_dir>/val/<wnid>/*.JPEG '
@@ -108,6 +118,10 @@ _IMAGENET_SETUP = (
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are not where the config says; the message says how to set them up."""
+
+
+class CorruptDatasetError(ValueError):
+    """A dataset file is damaged or not what it should be; the message names it and the fix."""
 
 
 class CorruptImageError(ValueError):
@@ -126,7 +140,11 @@ class DatasetInfo:
 
 
 def get_info(data_config) -> DatasetInfo:
-    """Checks `data_config` and that the data is present; reads no image."""
+    """Checks `data_config` and that the data is present.
+
+    Reads no image, except Fashion-MNIST's files, which are read and checked here (see
+    `_read_fashion_mnist`) and kept for `make_iterator`.
+    """
     return _open(_read_settings(data_config)).info
 
 
@@ -270,42 +288,95 @@ def _open_fashion_mnist(settings: _Settings) -> _Dataset:
     missing = [p for ps in paths.values() for p in ps if not os.path.isfile(p)]
     if missing:
         raise DatasetNotFoundError(f'Fashion-MNIST is missing {missing}. {_FASHION_MNIST_SETUP}')
-    counts = {split: _idx_header(images)[0] for split, (images, _) in paths.items()}
     shape = _output_shape(settings, 28, 1)
+    splits = {split: _read_fashion_mnist(split, *paths[split]) for split in SPLITS}
 
     def load(split: str) -> _ArraySplit:
-        images, labels = _read_fashion_mnist(*paths[split])
+        images, labels = splits[split]
         logging.info('fashion_mnist %s: %s images in memory from %s', split,
                      f'{len(labels):,}', data_dir)
         return _ArraySplit(_resize_all(images, shape[0]), labels)
 
-    info = DatasetInfo('fashion_mnist', 10, shape, counts['train'], counts['test'],
-                       _FASHION_MNIST_CLASSES)
+    info = DatasetInfo('fashion_mnist', 10, shape, len(splits['train'][1]),
+                       len(splits['test'][1]), _FASHION_MNIST_CLASSES)
     return _Dataset(info, load, _FASHION_MNIST_MEAN, _FASHION_MNIST_STD, native_channels=1,
                     variable_size=False, crop_padding=max(1, round(2 * shape[0] / 28)))
 
 
-def _idx_header(path: str) -> tuple[int, ...]:
-    """The dimensions stored in an idx(.gz) file's header."""
-    with gzip.open(path, 'rb') as f:
-        magic = f.read(4)
-        if len(magic) != 4 or magic[:2] != b'\0\0':
-            raise DatasetNotFoundError(f'{path} is not an idx file. {_FASHION_MNIST_SETUP}')
-        return tuple(int.from_bytes(f.read(4), 'big') for _ in range(magic[3]))
+def _read_fashion_mnist(split: str, images_path: str,
+                        labels_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's uint8 [N, 28, 28, 1] images and int32 [N] labels, read-only.
 
-
-@functools.lru_cache(maxsize=2)
-def _read_fashion_mnist(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, 28, 28, 1] images and int32 [N] labels, read-only."""
-    with gzip.open(images_path, 'rb') as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
-    with gzip.open(labels_path, 'rb') as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int32)
-    if len(images) != len(labels):
-        raise DatasetNotFoundError(f'{images_path} and {labels_path} disagree on the number of '
-                                   f'examples. {_FASHION_MNIST_SETUP}')
+    Checks each file as `_read_idx` does, and that both hold the split's number of
+    examples (60,000 train, 10,000 test) and the labels are class indices (0..9).
+    """
+    images = _read_idx(images_path, _FASHION_MNIST_IMAGE_SHAPE)
+    labels = _read_idx(labels_path, ())
+    if len(labels) != len(images):
+        raise _corrupt_fashion_mnist(labels_path, f'header says {len(labels):,} labels but '
+                                     f'{images_path} has {len(images):,} images')
+    if len(images) != _FASHION_MNIST_SIZES[split]:
+        raise _corrupt_fashion_mnist(images_path, f'header says {len(images):,} images; the '
+                                     f'{split} split has {_FASHION_MNIST_SIZES[split]:,}')
+    if labels.max() >= len(_FASHION_MNIST_CLASSES):
+        raise _corrupt_fashion_mnist(labels_path, f'holds label {labels.max()}; labels are '
+                                     f'0..{len(_FASHION_MNIST_CLASSES) - 1}')
+    labels = labels.astype(np.int32)
     labels.flags.writeable = False
-    return images, labels
+    return images[..., None], labels
+
+
+def _read_idx(path: str, item_shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 array [N, *item_shape] in an idx.gz file, read-only.
+
+    Read once per process while the file is unchanged: cached by real path (errors name
+    it), mtime and size.
+    """
+    stat = os.stat(path)
+    return _read_idx_cached(os.path.realpath(path), stat.st_mtime_ns, stat.st_size, item_shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: str, mtime_ns: int, size: int,
+                     item_shape: tuple[int, ...]) -> np.ndarray:
+    """Reads and checks an idx.gz file; mtime_ns and size only key the cache.
+
+    Checks that the file is complete gzip, that its magic number says uint8 with
+    1 + len(item_shape) dims, that the header's dims after the first are item_shape, and
+    that the data after the header is exactly as long as the header says.
+    """
+    del mtime_ns, size
+    noun = 'images' if item_shape else 'labels'
+    try:
+        with gzip.open(path, 'rb') as f:
+            content = f.read()
+    except EOFError as e:
+        raise _corrupt_fashion_mnist(path, f'is truncated ({e})') from e
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise _corrupt_fashion_mnist(path, f'is not a valid gzip file ({e})') from e
+    ndim = 1 + len(item_shape)
+    magic = bytes((0, 0, _IDX_UINT8, ndim))
+    header_size = 4 + 4 * ndim
+    if content[:4] != magic:
+        raise _corrupt_fashion_mnist(
+            path, f'is not an idx file of {noun}: it starts with '
+            f'{content[:4].hex(" ") or "nothing"} instead of {magic.hex(" ")}')
+    if len(content) < header_size:
+        raise _corrupt_fashion_mnist(path, f'ends inside its {header_size}-byte header')
+    dims = tuple(int.from_bytes(content[4 * i:4 * i + 4], 'big') for i in range(1, ndim + 1))
+    if dims[1:] != item_shape:
+        raise _corrupt_fashion_mnist(
+            path, f'header says {noun} of shape {dims[1:]}; Fashion-MNIST has {item_shape}')
+    count, extra_bytes = divmod(len(content) - header_size, math.prod(item_shape))
+    if (count, extra_bytes) != (dims[0], 0):
+        held = f'{count:,}' + (f' and {extra_bytes:,} bytes more' if extra_bytes else '')
+        raise _corrupt_fashion_mnist(
+            path, f'header says {dims[0]:,} {noun} but the file holds {held}')
+    return np.frombuffer(content, np.uint8, offset=header_size).reshape(dims)
+
+
+def _corrupt_fashion_mnist(path: str, problem: str) -> CorruptDatasetError:
+    return CorruptDatasetError(f'Fashion-MNIST file {path} {problem}. {_FASHION_MNIST_REPAIR}')
 
 
 def _open_digits(settings: _Settings) -> _Dataset:

@@ -20,8 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from qhnet import data
-from qhnet import train
+from qhnet import checkpoints, data, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,9 +45,43 @@ class _OrbaxInfoFilter(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
-# Errors that explain themselves: shown without a traceback.
-_USER_ERRORS = (train.ConfigError, data.DatasetNotFoundError, train.IncompatibleWorkdirError,
-                train.TrainingDivergedError)
+# Errors that explain themselves: shown as one line, without a traceback.
+_USER_ERRORS = (train.ConfigError, data.DatasetNotFoundError, data.CorruptDatasetError,
+                train.IncompatibleWorkdirError,
+                train.WorkdirError, train.TrainingDivergedError, checkpoints.CheckpointWriteError,
+                checkpoints.CheckpointRestoreError)
+
+
+_CONFIG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+                  SyntaxError)
+
+
+def _one_line(error: BaseException) -> str:
+    """The gist of a config-loading error: its last line if it quotes a traceback, flattened."""
+    text = str(error)
+    if 'Traceback' in text:
+        text = text.strip().splitlines()[-1]
+    text = ' '.join(text.replace('\\n', ' ').replace("\\'", "'").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+        text = text[1:-1]
+    return f'unknown key {text}' if isinstance(error, AttributeError) else text
+
+
+def _config_error(argv: list[str], error: BaseException) -> str:
+    config_args = ' '.join(arg for arg in argv[1:] if arg.startswith('--config'))
+    return (f'error: bad --config ({config_args}): {_one_line(error)}. Pass --helpfull for the '
+            'flags; the config keys are those of qhnet.config.get_config()')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad --config (a missing or broken file, an unknown or
+    mistyped override, a bad variant) reported in one line instead of a traceback."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # a file that failed to load raises here
+    except _CONFIG_ERRORS as error:
+        sys.exit(_config_error(argv, error))
+    return remaining
 
 
 def main(argv: list[str]) -> None:
@@ -69,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

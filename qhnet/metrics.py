@@ -3,7 +3,9 @@
 Everything lands in the workdir:
 
   metrics.jsonl   one JSON object a line: {"step", "split": "train"|"test", <metric>: value}
-                  or {"step", "event": <kind>, "message", ...} for rollbacks, restores, ...
+                  or {"step", "event": <kind>, "message", ...} for rollbacks, restores, ...;
+                  records of steps that a resume or a rollback redid carry
+                  "superseded": true, so that every reader sees one curve
   tensorboard/    the same scalars as TensorBoard event files
   curves.png      loss and accuracy against epochs (`plot_curves`)
 """
@@ -29,6 +31,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
+        self._workdir = workdir
         if enabled:
             self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
             self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -58,6 +61,23 @@ class MetricWriter:
         self._tensorboard.add_text(f'events/{kind}', message, step)
         self._tensorboard.flush()
 
+    def supersede_after(self, step: int) -> None:
+        """Marks the scalar records after `step` as superseded: the run restarts from `step`
+        (a resume or a rollback) and will write those steps again."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        path = os.path.join(self._workdir, METRICS_FILE)
+        with open(path, encoding='utf-8') as lines:
+            records = [json.loads(line) for line in lines]
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+            for record in records:
+                if 'split' in record and record['step'] > step:
+                    record['superseded'] = True
+                f.write(json.dumps(record) + '\n')
+        os.replace(path + '.tmp', path)
+        self._jsonl = open(path, 'a', encoding='utf-8')
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
@@ -65,13 +85,13 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> dict[str, list[dict[str, Any]]]:
-    """The scalar records of `metrics.jsonl` by split, sorted by step; when a resumed run
-    repeated steps, the last record of a step wins."""
+    """The scalar records of `metrics.jsonl` by split, sorted by step, without the superseded
+    ones (steps that a resume or a rollback redid); of any other repeats, the last wins."""
     by_split: dict[str, dict[int, dict[str, Any]]] = {}
     with open(os.path.join(workdir, METRICS_FILE), encoding='utf-8') as lines:
         for line in lines:
             record = json.loads(line)
-            if 'split' in record:
+            if 'split' in record and not record.get('superseded'):
                 by_split.setdefault(record['split'], {})[record['step']] = record
     return {split: [records[step] for step in sorted(records)]
             for split, records in by_split.items()}

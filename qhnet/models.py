@@ -122,7 +122,9 @@ def validate(model_config: ml_collections.ConfigDict) -> None:
     if not isinstance(model_config.remat, bool):
         raise ValueError(f'model.remat must be True or False, got {model_config.remat!r}')
     widths, depths = tuple(model_config.widths), tuple(model_config.depths)
-    if not widths or len(widths) != len(depths) or min(widths + depths) < 1:
+    positive_ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                        for v in widths + depths)
+    if not widths or len(widths) != len(depths) or not positive_ints:
         raise ValueError(f'model.widths {widths} and model.depths {depths} must be non-empty '
                          'sequences of positive integers of the same length')
     multiplier = model_config.multiplier

@@ -26,9 +26,10 @@ import json
 import math
 import os
 import queue
+import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from absl import logging
 import flax
@@ -43,10 +44,13 @@ import tqdm
 from qhnet import checkpoints, data, metrics, models
 from qhnet import config as qhnet_config
 
-# Config fields that fix what the parameters mean: a workdir holding a checkpoint
-# that differs in any of them belongs to another experiment. Model fields that change
-# only how the function is computed are not among them.
-IDENTITY_FIELDS = ('model', 'data.name', 'data.image_size', 'data.channels', 'data.class_list')
+# Config fields that fix what the parameters mean and how they were reached (the model,
+# the data, the schedule, the random stream): a workdir holding a checkpoint that differs
+# in any of them belongs to another experiment, and resuming it would mix two runs. Model
+# fields that change only how the function is computed are not among them.
+IDENTITY_FIELDS = ('model', 'data.name', 'data.image_size', 'data.channels', 'data.class_list',
+                   'data.augment', 'seed', 'batch_size', 'num_epochs', 'num_train_steps',
+                   'optimizer', 'label_smoothing')
 COMPUTE_ONLY_MODEL_FIELDS = ('dtype', 'remat', 'derivative_impl')
 SUMMARY_FILE = 'summary.json'
 PREFETCH_DEPTH = 2
@@ -58,6 +62,10 @@ class ConfigError(ValueError):
 
 class IncompatibleWorkdirError(ValueError):
     """The workdir holds checkpoints of another experiment; nothing in it was changed."""
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot hold a run: not a directory, or not writable."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -105,8 +113,9 @@ def _check_number(config: ml_collections.ConfigDict, path: str, *, low: float,
 def validate_config(config: ml_collections.ConfigDict) -> data.DatasetInfo:
     """Checks every key and value of `config` and that its dataset is present.
 
-    Raises ConfigError (a ValueError) naming the bad field and the valid choices, or
-    data.DatasetNotFoundError with setup instructions. Returns the dataset's info.
+    Raises ConfigError (a ValueError) naming the bad field and the valid choices,
+    data.DatasetNotFoundError with setup instructions, or data.CorruptDatasetError naming a
+    damaged file. Returns the dataset's info.
     """
     try:
         qhnet_config.check_keys(config)
@@ -136,6 +145,8 @@ def validate_config(config: ml_collections.ConfigDict) -> data.DatasetInfo:
                   f'(one equal shard each)')
     try:
         info = data.get_info(config.data)
+    except data.CorruptDatasetError:
+        raise
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if config.model.num_classes != info.num_classes:
@@ -380,16 +391,27 @@ def evaluate(config: ml_collections.ConfigDict, variables: Any, split: str = 'te
     return _evaluate(jit_eval_step(mesh, logits_fn), variables, config, mesh, split)
 
 
-def restore_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """(config, {'params', 'batch_stats'}) of the newest readable checkpoint in `workdir`,
-    on the default device. Reads only; never changes the workdir."""
+class Restored(NamedTuple):
+    """What `restore_variables` read: the step it restored, the run's config, the variables."""
+    step: int
+    config: ml_collections.ConfigDict
+    variables: dict[str, Any]
+
+
+def restore_variables(workdir: str) -> Restored:
+    """(step, config, {'params', 'batch_stats'}) of the newest readable checkpoint in `workdir`,
+    on the default device: `step` is the checkpoint actually restored, after any fallback from
+    unreadable newer ones. Reads only; never changes the workdir."""
     if not checkpoints.has_checkpoints(workdir):
-        raise FileNotFoundError(f'no checkpoints in {workdir}')
+        raise checkpoints.CheckpointRestoreError(
+            f'{workdir} has no checkpoints; point --workdir at the workdir of a training run')
     store = checkpoints.CheckpointStore(workdir, read_only=True)
     try:
         found = store.latest_config()
         if found is None:
-            raise FileNotFoundError(f'no readable checkpoint in {workdir}')
+            raise checkpoints.CheckpointRestoreError(
+                f'no checkpoint in {workdir} has a readable config; point --workdir at the '
+                'workdir of a training run')
         config = found[1]
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
@@ -398,12 +420,12 @@ def restore_variables(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                 store.variables_metadata(step))}
 
-        restored = store.restore(abstract_variables,
-                                 warn=lambda bad, message: logging.warning('%s', message))
+        step, items = store.restore(abstract_variables,
+                                    warn=lambda bad, message: logging.warning('%s', message))
     finally:
         store.close()
-    logging.info('Restored the variables of step %d from %s', restored[0], workdir)
-    return config, restored[1]['variables']
+    logging.info('Restored the variables of step %d from %s', step, workdir)
+    return Restored(step, config, items['variables'])
 
 
 # The training run.
@@ -413,11 +435,15 @@ def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     flat = {}
     for field in IDENTITY_FIELDS:
         section, _, key = field.partition('.')
-        value = checkpoints.config_to_json(config[section]) if not key else (
-            {key: json.loads(json.dumps(config[section][key]))})
-        for name, item in value.items():
-            if not (section == 'model' and name in COMPUTE_ONLY_MODEL_FIELDS):
-                flat[f'{section}.{name}'] = item
+        value = config[section][key] if key else config[section]
+        if isinstance(value, ml_collections.ConfigDict):
+            items = {f'{field}.{name}': item
+                     for name, item in checkpoints.config_to_json(value).items()}
+        else:
+            items = {field: json.loads(json.dumps(value))}
+        for name, item in items.items():
+            if name.removeprefix('model.') not in COMPUTE_ONLY_MODEL_FIELDS:
+                flat[name] = item
     return flat
 
 
@@ -443,6 +469,20 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             + '\n'.join(differences)
             + f'\nNothing in {workdir} was changed. Pick another --workdir, or delete that one '
               'to start over.')
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates `workdir` if needed and checks that files can be written there; raises
+    WorkdirError naming the problem otherwise."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f'--workdir={workdir} is a file, not a directory; pick a directory')
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise WorkdirError(f'cannot write to --workdir={workdir} ({error.strerror or error}); '
+                           'pick a writable directory') from error
 
 
 @dataclasses.dataclass
@@ -477,6 +517,7 @@ class _TrainingRun:
         self.store = checkpoints.CheckpointStore(workdir, max_to_keep=config.checkpoint.max_to_keep)
         self.writer = metrics.MetricWriter(workdir, enabled=self.is_chief)
         self.rollbacks = 0
+        self.rollback_step: int | None = None  # the checkpoint the last rollback restored
         self.nan_injections_left = config.debug.inject_nan_times
         self.lr_scale = 1.0
         self.images_trained = 0
@@ -504,11 +545,12 @@ class _TrainingRun:
         items = self._items(state)
         self.store.save(step, items['variables'], items['optimizer'], self.config)
 
-    def _restore(self) -> TrainState | None:
+    def _restore(self, before: int | None = None) -> TrainState | None:
         abstract = self._abstract_items()
         restored = self.store.restore(
             lambda step: abstract,
-            warn=lambda step, message: self.writer.event(step, 'corrupt_checkpoint', message))
+            warn=lambda step, message: self.writer.event(step, 'corrupt_checkpoint', message),
+            before=before)
         if restored is None:
             return None
         _, items = restored
@@ -522,6 +564,7 @@ class _TrainingRun:
         state = self._restore()
         if state is not None:
             step = int(state.step)
+            self.writer.supersede_after(step)
             self.writer.event(step, 'resume', f'resumed from the checkpoint at step {step} in '
                               f'{self.store.directory} (learning-rate scale {self.lr_scale:g})',
                               warning=False)
@@ -530,8 +573,7 @@ class _TrainingRun:
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         logging.info('Initialised %s (%s parameters); saving step 0 as the first rollback target.',
                      self.config.model.name, f'{num_params:,}')
-        self._save(state, 0)
-        self.store.wait()  # a workdir that cannot hold checkpoints fails here, before training
+        self._save(state, 0)  # a workdir that cannot hold checkpoints fails here, before training
         return state
 
     # Data.
@@ -580,8 +622,18 @@ class _TrainingRun:
                 '--config.optimizer.base_lr, a clipping activation (hardtanh, hardball, softball), '
                 'or more --config.breakdown.max_retries.')
         lr_scale = self.lr_scale * self.config.breakdown.lr_factor
-        self.store.wait()
-        state = self._restore()
+        # A run that breaks down again before saving past its last rollback walks back further:
+        # that checkpoint itself may be what breaks down. It is set aside, not deleted. With no
+        # older checkpoint left, the oldest is retried (at the lower learning rate).
+        newest = self.store.steps()[0] if self.store.steps() else None
+        state = None
+        if newest is not None and newest == self.rollback_step:
+            state = self._restore(before=newest)
+            if state is not None:
+                self.store.set_aside(newest, checkpoints.ABANDONED_DIR)
+        state = state or self._restore()
+        self.rollback_step = int(state.step)
+        self.writer.supersede_after(self.rollback_step)
         self.lr_scale = lr_scale
         state = state.replace(lr_scale=jax.device_put(jnp.float32(self.lr_scale), self.replicated))
         self.writer.event(
@@ -672,7 +724,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = time.time()
     info = validate_config(config)
     check_workdir(workdir, config)
-    os.makedirs(workdir, exist_ok=True)
+    prepare_workdir(workdir)
     logging.info('Training %s on %s (%s train / %s test images of shape %s) in %s; %d devices '
                  '(%d processes), global batch %d.', config.model.name, info.name,
                  f'{info.num_train:,}', f'{info.num_test:,}', info.image_shape, workdir,
@@ -685,7 +737,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = run.train()
         if not run.last_eval:  # resumed a finished run
             run.log_eval(run.total_steps, state)
-        run.store.wait()
         summary = {
             'dataset': info.name,
             'model': checkpoints.config_to_json(config.model),

@@ -1,5 +1,6 @@
 """Input pipelines on real data: Fashion-MNIST, digits, a small ImageFolder and TFDS datasets."""
 
+import gzip
 import io
 import os
 import shutil
@@ -230,6 +231,115 @@ def test_missing_data_raises_quickly_with_instructions(tmp_path):
     with pytest.raises(data.DatasetNotFoundError, match='tfds build mnist'):
         data.get_info(data_config(name='mnist', data_dir=str(tmp_path)))
     assert os.listdir(tmp_path) == []
+
+
+FASHION_MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+                       't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
+TEST_IMAGES, TEST_LABELS = FASHION_MNIST_FILES[2:]
+
+
+@pytest.fixture
+def fashion_copy(tmp_path):
+    """A data_dir of symlinks to the real Fashion-MNIST files; replace files with `replace`."""
+    root = tmp_path / 'fashion'
+    root.mkdir()
+    for name in FASHION_MNIST_FILES:
+        os.symlink(os.path.join(data.FASHION_MNIST_DIR, name), root / name)
+    return root
+
+
+def replace(path, content: bytes):
+    """Writes `content` as a new file at `path`, never through the symlink to the real file."""
+    path.unlink()
+    path.write_bytes(content)
+
+
+def real_idx(name: str) -> bytes:
+    """The gunzipped content of a real Fashion-MNIST file (use the small label files)."""
+    with gzip.open(os.path.join(data.FASHION_MNIST_DIR, name)) as f:
+        return f.read()
+
+
+def idx(dims: tuple[int, ...], values: np.ndarray) -> bytes:
+    """An uncompressed uint8 idx file: magic number, big-endian dims, then `values`."""
+    header = bytes((0, 0, 8, len(dims))) + np.asarray(dims, '>u4').tobytes()
+    return header + np.asarray(values, np.uint8).tobytes()
+
+
+def test_fashion_mnist_copy_opens(fashion_copy):
+    replace(fashion_copy / TEST_LABELS, gzip.compress(real_idx(TEST_LABELS)))  # gzipped anew
+    config = data_config(data_dir=str(fashion_copy))
+    info = data.get_info(config)
+    assert (info.num_train, info.num_test) == (60000, 10000)
+    batch = next(data.make_iterator(config, 'test', batch_size=16, seed=0, train=False))
+    np.testing.assert_array_equal(batch['label'], list(real_idx(TEST_LABELS)[8:24]))
+
+
+@pytest.mark.parametrize('name, content, problem', [
+    pytest.param('train-images-idx3-ubyte.gz',
+                 lambda: gzip.compress(idx((60000, 28, 28), np.zeros((1000, 28, 28)))),
+                 'header says 60,000 images but the file holds 1,000.', id='fewer-images'),
+    pytest.param(TEST_LABELS, lambda: gzip.compress(real_idx(TEST_LABELS))[:2000],
+                 'is truncated', id='truncated-gzip'),
+    pytest.param(TEST_LABELS, lambda: real_idx(TEST_LABELS),
+                 'is not a valid gzip file', id='not-gzip'),
+    pytest.param(TEST_LABELS,
+                 lambda: gzip.compress(idx((9999,), list(real_idx(TEST_LABELS)[8:-1]))),
+                 f'header says 9,999 labels but {{data_dir}}/{TEST_IMAGES} has 10,000 images.',
+                 id='fewer-labels-than-images'),
+    pytest.param(TEST_LABELS, lambda: gzip.compress(real_idx(TEST_LABELS) + b'garbage'),
+                 'header says 10,000 labels but the file holds 10,007.', id='trailing-data'),
+    pytest.param('train-images-idx3-ubyte.gz',
+                 lambda: gzip.compress(idx((60000, 28, 28), np.zeros(1000 * 28 * 28 - 5))),
+                 'header says 60,000 images but the file holds 999 and 779 bytes more.',
+                 id='partial-image'),
+    pytest.param(TEST_LABELS, lambda: gzip.compress(idx((10000,), np.full(10000, 10))),
+                 'holds label 10; labels are 0..9', id='label-out-of-range'),
+    pytest.param(TEST_LABELS, lambda: gzip.compress(idx((10000, 1, 1), np.zeros(10000))),
+                 'is not an idx file of labels: it starts with 00 00 08 03 instead of 00 00 08 01',
+                 id='wrong-magic'),
+    pytest.param(TEST_IMAGES, lambda: gzip.compress(idx((10000, 32, 32), [])),
+                 'header says images of shape (32, 32); Fashion-MNIST has (28, 28)',
+                 id='wrong-image-shape'),
+])
+def test_corrupt_fashion_mnist_file_is_named_when_opened(fashion_copy, name, content, problem):
+    bad = fashion_copy / name
+    replace(bad, content())
+    with pytest.raises(data.CorruptDatasetError) as error:
+        data.get_info(data_config(data_dir=str(fashion_copy)))
+    message = str(error.value)
+    assert f'Fashion-MNIST file {bad} ' in message
+    assert problem.format(data_dir=fashion_copy) in message
+    assert 'sudo apt-get install --reinstall dataset-fashion-mnist' in message
+    assert 'config.data.data_dir' in message
+
+
+def test_fashion_mnist_split_of_the_wrong_size(fashion_copy):
+    for name, dims in ((TEST_IMAGES, (100, 28, 28)), (TEST_LABELS, (100,))):
+        replace(fashion_copy / name, gzip.compress(idx(dims, np.zeros(dims))))
+    with pytest.raises(data.CorruptDatasetError,
+                       match='t10k-images-idx3-ubyte.gz header says 100 images; the test split '
+                             'has 10,000'):
+        data.get_info(data_config(data_dir=str(fashion_copy)))
+
+
+def test_fashion_mnist_files_are_read_once_while_unchanged(fashion_copy, monkeypatch):
+    labels = fashion_copy / TEST_LABELS
+    replace(labels, gzip.compress(real_idx(TEST_LABELS)))
+    config = data_config(data_dir=str(fashion_copy))
+    data.get_info(config)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError(f'read again: {args}')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data.gzip, 'open', no_reading)
+        data.get_info(config)
+        for split in data.SPLITS:
+            next(data.make_iterator(config, split, batch_size=8, seed=0, train=False))
+    labels.write_bytes(gzip.compress(real_idx(TEST_LABELS))[:-10])  # a regular file now
+    with pytest.raises(data.CorruptDatasetError, match='is truncated'):
+        data.get_info(config)
 
 
 @pytest.mark.parametrize('field, value, choices', [

@@ -15,6 +15,9 @@ more than 1e-3.
 Float64 fold checks run the Flax model with dtype float64 and compare the head's output.
 """
 
+import json
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ import pytest
 from qhnet import config, models
 from qhnet import symmetry
 from qhnet.symmetry import groups
+from qhnet.symmetry.action import MAX_CONDITION
 from qhnet.symmetry.testing import random_variables
 from tests.conftest import resize_images
 
@@ -416,3 +420,82 @@ def test_bad_variables_are_refused(identity_model):
     other = random_variables(small_model('eq4', 'identity', 'ds'), (1, 16, 16, 1))
     with pytest.raises(ValueError, match='do not match the model'):
         symmetry.fold(spec, other)
+
+
+def digits_model(**overrides):
+    """The digits model of `python -m qhnet.main --config=configs/eq3_softball.py:digits`."""
+    model_config = config.row_config('eq3_softball', 'digits').model
+    model_config.update(overrides)
+    return models.build(model_config)
+
+
+def test_variables_of_another_depth_are_refused():
+    """Both ways: extra blocks are not dropped, missing ones are named."""
+    shallow, deep = digits_model(depths=(1, 1)), digits_model(depths=(2, 1))
+    shallow_spec, deep_spec = symmetry.group_spec(shallow), symmetry.group_spec(deep)
+    with pytest.raises(ValueError, match=r'do not match the model: extra batch_stats/'
+                                         r'stage1_block2, params/stage1_block2, which the model'):
+        symmetry.fold(shallow_spec, random_variables(deep, (1, 8, 8, 1)))
+    with pytest.raises(ValueError, match=r'do not match the model: missing batch_stats/'
+                                         r'stage1_block2, params/stage1_block2;'):
+        symmetry.fold(deep_spec, random_variables(shallow, (1, 8, 8, 1)))
+    variables = jax.tree_util.tree_map(np.array, random_variables(shallow, (1, 8, 8, 1)))
+    variables['params']['head']['extra'] = np.zeros(3)
+    del variables['batch_stats']['stem_bn']['var']
+    with pytest.raises(ValueError, match=r'missing batch_stats/stem_bn/var; extra '
+                                         r'params/head/extra'):
+        symmetry.fold(shallow_spec, variables)
+
+
+def test_form_of_another_model_is_refused():
+    """apply, act, verify and unfold refuse a form folded for another model (here the form of
+    Eq. (4) with weight sharing, which has no mix_in, for an Eq. (3) spec)."""
+    spec = symmetry.group_spec(digits_model())
+    images = np.zeros((2, 8, 8, 1), np.float32)
+    element = symmetry.sample(spec, jax.random.key(0))
+    fix = "fold the variables with this model's spec"
+    others = [
+        (dict(equation=4), 'stage1_block1 lacks mix_in and has mix_out, which the spec'),
+        (dict(depths=(2, 1)), 'the form has stage1_block2, which the spec'),
+        (dict(widths=(16, 64)),
+         r"stage2_block1/combine has shape \(64, 64\), but stream 'stage2_block1' needs 32"),
+    ]
+    for overrides, message in others:
+        model = digits_model(**overrides)
+        other_spec = symmetry.group_spec(model)
+        form = symmetry.fold(other_spec, random_variables(model, (1, 8, 8, 1)))
+        for use in (lambda: symmetry.apply(spec, form, images),
+                    lambda: symmetry.act(spec, form, element),
+                    lambda: symmetry.verify(spec, form, element, images),
+                    lambda: symmetry.unfold(spec, form)):
+            with pytest.raises(ValueError, match=f'the form does not match the spec: {message}.*'
+                                                 f'{fix}'):
+                use()
+
+
+def test_beyond_max_condition_is_not_verifiable(identity_model, images):
+    """A forced GL element with cond(T) = 1e6: the tolerance stops at its value for
+    MAX_CONDITION and the report says the check cannot be made, rather than a pass."""
+    spec, _, form = identity_model
+    width = max(s.width for s in spec.streams)
+    element = symmetry.sample(spec, jax.random.key(3), cond=1e6)
+    result = symmetry.verify(spec, form, element, images, force=True)
+    assert result['kappa'] == pytest.approx(1e6)
+    assert result['tolerance'] == symmetry.invariance_tolerance(np.float32, MAX_CONDITION, width)
+    assert result['verifiable'] is False and result['invariant'] is False
+    assert result['note'].startswith('not verifiable at this condition number')
+    assert json.loads(json.dumps(result)) == result
+    within = symmetry.verify(spec, form, symmetry.sample(spec, jax.random.key(3), cond=1e3),
+                             images)
+    assert within['verifiable'] is True and within['invariant'] is True and 'note' not in within
+
+
+def test_images_of_the_wrong_shape_are_refused(identity_model, images):
+    spec, _, form = identity_model
+    element = symmetry.sample(spec, jax.random.key(0))
+    for bad in (images[:0], np.repeat(images, 3, axis=-1), images[0], images[:, :0]):
+        message = (r'images must be an NHWC batch of shape \(N, H, W, 1\) with N, H, W >= 1 '
+                   r'and 1 the input channels of the stem kernel \(3, 3, 1, 8\); got shape '
+                   + re.escape(str(bad.shape)))
+        with pytest.raises(ValueError, match=message):
+            symmetry.verify(spec, form, element, bad)

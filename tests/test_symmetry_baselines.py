@@ -264,3 +264,29 @@ def test_bad_elements_are_refused(mobilenet):
 def test_bad_variables_are_refused(resnet, mobilenet):
     with pytest.raises(ValueError, match='do not match the model'):
         symmetry.fold(resnet['spec'], mobilenet['variables'])
+
+
+def test_variables_with_extra_or_missing_layers_are_refused(resnet):
+    """fold takes exactly the model's variables: an extra block is named, not dropped."""
+    variables = jax.tree_util.tree_map(np.array, resnet['variables'])
+    variables['params']['stage5_block1'] = variables['params']['stage4_block3']
+    with pytest.raises(ValueError, match='extra params/stage5_block1, which the model has not'):
+        symmetry.fold(resnet['spec'], variables)
+    del variables['params']['stage5_block1'], variables['batch_stats']['stage4_block3']
+    with pytest.raises(ValueError, match='missing batch_stats/stage4_block3;'):
+        symmetry.fold(resnet['spec'], variables)
+
+
+def test_form_of_another_model_is_refused(resnet, mobilenet, images):
+    spec, form = resnet['spec'], mobilenet['form32']
+    element = symmetry.sample(spec, jax.random.key(0))
+    message = ("the form does not match the spec: the form lacks stage1_block1/Conv_0.*"
+               "fold the variables with this model's spec")
+    for use in (lambda: symmetry.apply(spec, form, images),
+                lambda: symmetry.act(spec, form, element),
+                lambda: symmetry.verify(spec, form, element, images),
+                lambda: symmetry.unfold(spec, form)):
+        with pytest.raises(ValueError, match=message):
+            use()
+    with pytest.raises(ValueError, match=r'images must be an NHWC batch of shape \(N, H, W, 3\)'):
+        symmetry.verify(spec, resnet['form32'], element, images[..., :1])

@@ -1,13 +1,18 @@
 """`python -m qhnet.symmetry verify` on a real checkpoint: a QHNet trained for a few steps on
-digits is transformed, written, read back and evaluated to the same accuracy."""
+digits is transformed, written, read back and evaluated to the same accuracy; bad input is
+refused with one line and no traceback."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+from qhnet import checkpoints
 from qhnet import config as qhnet_config
 from qhnet import train
 
@@ -16,9 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory) -> str:
-    """Eq. (3) softball@ds on digits, trained for 20 steps."""
+    """Eq. (3) softball@ds on digits, trained for 20 steps, with checkpoints at steps 10 and 20."""
     config = qhnet_config.row_config('eq3_softball', 'digits')
     config.num_train_steps = 20
+    config.checkpoint.every_steps = 10
     config.optimizer.warmup_epochs = 0.2
     config.progress_bar = False
     path = str(tmp_path_factory.mktemp('digits'))
@@ -49,10 +55,10 @@ def test_verify_transforms_writes_and_reevaluates(workdir, tmp_path):
         assert transformed['top1'] == original['top1'] and transformed['top5'] == original['top5']
         assert abs(transformed['loss'] - original['loss']) <= 1e-4 * abs(original['loss'])
     assert os.path.isdir(os.path.join(output, 'full_group_form'))
-    config, variables = train.restore_variables(output)
+    _, config, variables = train.restore_variables(output)
     assert config.model.mixing
     # The head absorbed the last stream's random rotation: different weights, same function.
-    _, before = train.restore_variables(workdir)
+    *_, before = train.restore_variables(workdir)
     change = abs(variables['params']['head']['kernel'] - before['params']['head']['kernel']).max()
     assert change > 1e-2 * abs(before['params']['head']['kernel']).max()
 
@@ -60,3 +66,96 @@ def test_verify_transforms_writes_and_reevaluates(workdir, tmp_path):
 def test_usage_errors(workdir):
     result = run_cli('check', f'--workdir={workdir}')
     assert result.returncode != 0 and 'usage: python -m qhnet.symmetry verify' in result.stderr
+
+
+def saved_steps(workdir: str) -> list[int]:
+    store = checkpoints.CheckpointStore(workdir, read_only=True)
+    try:
+        return store.steps()
+    finally:
+        store.close()
+
+
+def copy_with_unreadable(workdir: str, destination: str, steps: list[int]) -> str:
+    """A copy of `workdir` whose checkpoints at `steps` have their variables truncated."""
+    shutil.copytree(workdir, destination)
+    for step in steps:
+        for root, _, names in os.walk(os.path.join(destination, 'checkpoints', str(step),
+                                                   'variables')):
+            for name in names:
+                with open(os.path.join(root, name), 'r+b') as f:
+                    f.truncate(os.path.getsize(f.name) // 2)
+    return destination
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The command's one 'error: ' line, after checking that it failed without a traceback."""
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_reports_and_writes_the_step_it_restored(workdir, tmp_path):
+    """The newest checkpoint (step 20) is unreadable: the one restored is step 10, and that is
+    the step the summary reports and the transformed checkpoint is written at."""
+    assert saved_steps(workdir)[:2] == [20, 10]
+    broken = copy_with_unreadable(workdir, str(tmp_path / 'broken'), [20])
+    output = str(tmp_path / 'transformed')
+    result = run_cli('verify', f'--workdir={broken}', f'--output_workdir={output}',
+                     '--num_images=64')
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(output, 'symmetry.json')) as f:
+        assert json.load(f)['step'] == 10
+    assert os.listdir(os.path.join(output, 'checkpoints')) == ['10']
+    # The intact run restores step 20: the same output_workdir, holding step 10, is refused.
+    line = error_line(run_cli('verify', f'--workdir={workdir}', f'--output_workdir={output}'))
+    assert 'holds checkpoints of steps [10], not of step 20' in line
+
+
+def test_non_finite_model_is_refused(workdir, tmp_path):
+    """A checkpoint with a NaN kernel has no function to check: refused, not 'invariant'."""
+    step, config, variables = train.restore_variables(workdir)
+    variables = jax.tree_util.tree_map(np.array, variables)
+    variables['params']['stage1_block1']['coef']['kernel'][0, 0, 0, :] = np.nan
+    poisoned = str(tmp_path / 'poisoned')
+    store = checkpoints.CheckpointStore(poisoned)
+    store.save(step, variables, {'step': np.asarray(step)}, config)
+    store.wait()
+    store.close()
+    line = error_line(run_cli('verify', f'--workdir={poisoned}', '--num_images=64'))
+    assert f'the logits of the checkpoint of step {step} on 64 test images are not finite' in line
+    assert 'params/stage1_block1/coef/kernel' in line
+    assert not os.path.exists(os.path.join(poisoned, 'transformed', 'symmetry.json'))
+
+
+def unreadable_copy(workdir: str, tmp_path) -> str:
+    return copy_with_unreadable(workdir, str(tmp_path / 'broken'), saved_steps(workdir))
+
+
+def empty_dir(tmp_path) -> str:
+    (tmp_path / 'empty').mkdir()
+    return str(tmp_path / 'empty')
+
+
+# case: (the flags, from the trained workdir and tmp_path; what the error line says). Where
+# train.restore_variables refuses the workdir, the line is its message, which names the workdir.
+BAD_INPUT = {
+    'no workdir': (lambda w, tmp: [], '--workdir is missing or empty'),
+    'empty workdir': (lambda w, tmp: ['--workdir='], '--workdir is missing or empty'),
+    'not a directory': (lambda w, tmp: [f'--workdir={tmp / "nowhere"}'], 'is not a directory'),
+    'no checkpoints': (lambda w, tmp: [f'--workdir={empty_dir(tmp)}'], '/empty', 'checkpoint'),
+    'no readable checkpoint': (lambda w, tmp: [f'--workdir={unreadable_copy(w, tmp)}'],
+                               '/broken', 'checkpoint'),
+    'output is workdir': (lambda w, tmp: [f'--workdir={w}', f'--output_workdir={w}'],
+                          '--output_workdir is --workdir'),
+    'no images': (lambda w, tmp: [f'--workdir={w}', '--num_images=0'], 'pass --num_images=N'),
+    'cond': (lambda w, tmp: [f'--workdir={w}', '--cond=1e6'], 'is outside [1, 10000]'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUT))
+def test_bad_input_is_refused_with_one_line(workdir, tmp_path, case):
+    flags, *says = BAD_INPUT[case]
+    line = error_line(run_cli('verify', *flags(workdir, tmp_path)))
+    assert all(part in line for part in says), line

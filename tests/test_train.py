@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def test_run_writes_metrics_summary_and_curves(finished_run):
 
 def test_restore_variables_and_evaluate(finished_run):
     config, workdir, summary = finished_run
-    restored_config, variables = train.restore_variables(workdir)
+    _, restored_config, variables = train.restore_variables(workdir)
     assert restored_config.model.to_dict() == config.model.to_dict()
     assert set(variables) == {'params', 'batch_stats'}
     scores = train.evaluate(restored_config, variables)
@@ -224,22 +225,89 @@ def test_restore_variables_and_evaluate(finished_run):
     assert scores['loss'] == pytest.approx(summary['test_loss'], rel=1e-5)
 
 
-def test_killed_and_resumed_run_ends_with_the_same_parameters(finished_run, tmp_path, monkeypatch):
+def test_killed_and_resumed_run_ends_with_the_same_parameters(finished_run, tmp_path, monkeypatch,
+                                                              caplog):
     config, uninterrupted, _ = finished_run
     monkeypatch.chdir(tmp_path)
     workdir = 'workdir'  # relative, as in the README's command
     with pytest.raises(train.SimulatedCrash):
-        train.train_and_evaluate(tiny_config(**{'debug.crash_after_step': 7}), workdir)
+        train.train_and_evaluate(
+            tiny_config(**{'debug.crash_after_step': 7, 'log_every_steps': 2}), workdir)
     # The newest checkpoint is step 4: the resumed run repeats steps 5-7.
     store = checkpoints.CheckpointStore(workdir, read_only=True)
     assert store.steps()[0] == 4
     store.close()
-    train.train_and_evaluate(tiny_config(), workdir)
-    _, expected = train.restore_variables(uninterrupted)
-    _, resumed = train.restore_variables(workdir)
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(tiny_config(), workdir)
+    # orbax's notices about the read-only look at the workdir before resuming are dropped.
+    assert 'is read only' not in caplog.text and 'read_only=True' not in caplog.text
+    *_, expected = train.restore_variables(uninterrupted)
+    *_, resumed = train.restore_variables(workdir)
     assert_trees_equal(expected, resumed, rtol=1e-6, atol=1e-7)
     events = [json.loads(line) for line in open(os.path.join(workdir, metrics.METRICS_FILE))]
     assert [e['step'] for e in events if e.get('event') == 'resume'] == [4]
+    # The row of step 6, written before the crash and redone after the resume, is marked.
+    train_rows = [e for e in events if e.get('split') == 'train']
+    assert [(e['step'], e.get('superseded', False)) for e in train_rows] == [
+        (2, False), (4, False), (6, True), (8, False), (12, False)]
+    assert [row['step'] for row in metrics.read_metrics(workdir)['train']] == [2, 4, 8, 12]
+
+
+def test_restored_state_that_breaks_down_again_walks_back(tmp_path):
+    """A NaN batch at step 6, twice: the rollback to step 4 breaks down again, so the second
+    rollback goes back to step 0 rather than to step 4 once more."""
+    config = tiny_config(**{'debug.inject_nan_at_step': 6, 'debug.inject_nan_times': 2})
+    workdir = str(tmp_path / 'workdir')
+    summary = train.train_and_evaluate(config, workdir)
+    assert summary['rollbacks'] == 2 and summary['steps'] == TOTAL_STEPS
+    events = [json.loads(line) for line in open(os.path.join(workdir, metrics.METRICS_FILE))]
+    assert [e['restored_step'] for e in events if e.get('event') == 'rollback'] == [4, 0]
+    assert os.listdir(os.path.join(workdir, checkpoints.ABANDONED_DIR)) == ['4']
+    *_, variables = train.restore_variables(workdir)
+    assert all_finite(variables)
+
+
+def flip_bytes(step_dir: str, count: int = 64) -> str:
+    """Overwrites `count` bytes in the middle of the largest variables file; returns its path."""
+    files = [os.path.join(root, name) for root, _, names in
+             os.walk(os.path.join(step_dir, 'variables')) for name in names]
+    path = max(files, key=os.path.getsize)
+    with open(path, 'r+b') as f:
+        f.seek(os.path.getsize(path) // 2)
+        original = f.read(count)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in original))
+    return path
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected(finished_run, tmp_path, caplog):
+    """A checkpoint whose bytes changed after it was written still reads back (orbax does not
+    notice); its digest does, and the previous checkpoint is restored instead."""
+    _, finished, _ = finished_run
+    workdir = str(tmp_path / 'workdir')
+    shutil.copytree(finished, workdir)
+    flip_bytes(os.path.join(workdir, checkpoints.CHECKPOINT_DIR, str(TOTAL_STEPS)))
+    with caplog.at_level(logging.WARNING):
+        step, _, variables = train.restore_variables(workdir)
+    assert step == 8
+    assert f'checkpoint at step {TOTAL_STEPS} is corrupt (content digest mismatch' in caplog.text
+    *_, expected = train.restore_variables(finished)
+    assert not np.allclose(np.asarray(jax.tree.leaves(variables)[0]),
+                           np.asarray(jax.tree.leaves(expected)[0])) or step != TOTAL_STEPS
+
+
+@pytest.mark.parametrize('path,value,message', [
+    ('seed', 1, 'seed: checkpoint has 0, config has 1'),
+    ('num_train_steps', 16, 'num_train_steps: checkpoint has 12, config has 16'),
+    ('optimizer.base_lr', 0.2, 'optimizer.base_lr: checkpoint has 0.1, config has 0.2'),
+])
+def test_resume_with_another_seed_or_schedule_is_refused(finished_run, path, value, message):
+    """The step count, the random stream and the schedule of a resumed run must be the run's."""
+    _, workdir, _ = finished_run
+    before = snapshot(workdir)
+    with pytest.raises(train.IncompatibleWorkdirError, match=re.escape(message)):
+        train.train_and_evaluate(tiny_config(**{path: value}), workdir)
+    assert snapshot(workdir) == before
 
 
 def test_non_finite_batch_rolls_back_and_finishes(tmp_path, caplog):
@@ -248,7 +316,7 @@ def test_non_finite_batch_rolls_back_and_finishes(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         summary = train.train_and_evaluate(config, workdir)
     assert summary['rollbacks'] == 1 and summary['steps'] == TOTAL_STEPS
-    _, variables = train.restore_variables(workdir)
+    *_, variables = train.restore_variables(workdir)
     assert all_finite(variables)
     events = [json.loads(line) for line in open(os.path.join(workdir, metrics.METRICS_FILE))]
     rollbacks = [e for e in events if e.get('event') == 'rollback']
@@ -299,13 +367,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, tmp_
             with open(os.path.join(root, name), 'r+b') as f:
                 f.truncate(os.path.getsize(f.name) // 2)
     with caplog.at_level(logging.WARNING):
-        _, variables = train.restore_variables(workdir)  # reads only: step 8
-    assert f'checkpoint at step {TOTAL_STEPS} is unreadable' in caplog.text
+        *_, variables = train.restore_variables(workdir)  # reads only: step 8
+    assert f'checkpoint at step {TOTAL_STEPS} is corrupt' in caplog.text
     assert all_finite(variables)
     # Training again resumes from step 8, sets the corrupt one aside and saves step 12 anew.
     summary = train.train_and_evaluate(config, workdir)
     assert summary['steps'] == TOTAL_STEPS
     assert os.path.isdir(os.path.join(workdir, checkpoints.CORRUPT_DIR, str(TOTAL_STEPS)))
-    _, expected = train.restore_variables(finished)
-    _, resumed = train.restore_variables(workdir)
+    *_, expected = train.restore_variables(finished)
+    *_, resumed = train.restore_variables(workdir)
     assert_trees_equal(expected, resumed, rtol=1e-6, atol=1e-7)

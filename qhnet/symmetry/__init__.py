@@ -10,7 +10,8 @@ channels and GL(n) on MobileNet's linear bottlenecks (`qhnet.symmetry.baselines`
     logits = apply(spec, form, images)        # == model.apply(variables, images, train=False)
     g = sample(spec, jax.random.key(0), cond=10.0)
     moved = act(spec, form, g)                # same logits; act(spec, moved, inverse(g)) == form
-    verify(spec, form, g, images)             # {'error', 'tolerance', 'kappa', 'invariant'}
+    verify(spec, form, g, images)             # {'error', 'tolerance', 'kappa', 'verifiable',
+                                              #  'invariant'}
     variables = unfold(spec, moved)           # back to the Flax model with mixing=True
 
 Command line: `python -m qhnet.symmetry verify --workdir=DIR` (see `__main__`).

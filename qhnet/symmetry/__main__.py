@@ -21,7 +21,14 @@
 It prints a summary and writes it as JSON to <output_workdir>/symmetry.json; the exit
 status is 1 if an element changed the logits by more than its tolerance. The written
 checkpoint holds variables and config only (no optimizer state): evaluate it, do not
-resume training from it.
+resume training from it. Its step, and the summary's, is the checkpoint restored: the
+newest readable one.
+
+Before any work it refuses, with one line 'error: <problem>; <fix>' and exit status 1: a
+missing or empty --workdir, one that is not a directory or holds no readable checkpoint,
+an --output_workdir that is --workdir or holds checkpoints of other steps, --num_images < 1,
+--cond outside [1, MAX_CONDITION], and a model whose logits on the test images are not
+finite.
 """
 
 import json
@@ -36,6 +43,7 @@ import orbax.checkpoint as ocp
 
 from qhnet import checkpoints, data, models, train
 from qhnet import symmetry
+from qhnet.symmetry.action import MAX_CONDITION
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training workdir holding checkpoints.')
@@ -45,7 +53,6 @@ flags.DEFINE_integer('seed', 0, 'Seed of the random group elements.')
 flags.DEFINE_float('cond', 10.0, 'Condition number of the GL and scaled-permutation elements '
                    'and of the hidden-channel scales.')
 flags.DEFINE_integer('num_images', 256, 'Test images on which the logits are compared.')
-flags.mark_flag_as_required('workdir')
 
 FORM_DIR = 'full_group_form'
 
@@ -57,12 +64,55 @@ def test_images(config, count: int) -> np.ndarray:
     return batch['image'][batch['mask'] > 0]
 
 
-def newest_step(workdir: str) -> int:
-    store = checkpoints.CheckpointStore(workdir, read_only=True)
+class CommandError(Exception):
+    """A problem with the command's input: one line that names it and the fix."""
+
+
+def restore(workdir: str) -> train.Restored:
+    """The newest readable checkpoint of --workdir (`train.restore_variables`)."""
+    if not workdir:
+        raise CommandError('--workdir is missing or empty; pass --workdir=DIR, the workdir of a '
+                           'training run (python -m qhnet.main --workdir=DIR)')
+    if not os.path.isdir(workdir):
+        raise CommandError(f'--workdir={workdir} is not a directory; pass the workdir of a '
+                           'training run (python -m qhnet.main --workdir=DIR)')
     try:
-        return store.steps()[0]
-    finally:
-        store.close()
+        return train.restore_variables(workdir)
+    except checkpoints.CheckpointRestoreError as error:  # its message names the fix
+        raise CommandError(' '.join(str(error).splitlines())) from error
+
+
+def check_output(workdir: str, output_workdir: str, step: int) -> None:
+    """Refuses to write into the training run, or next to checkpoints of other steps (the newest
+    would be read back instead of the one written)."""
+    if os.path.realpath(output_workdir) == os.path.realpath(workdir):
+        raise CommandError(f'--output_workdir is --workdir ({workdir}), whose checkpoint the '
+                           'transformed model would overwrite; pass another --output_workdir')
+    if checkpoints.has_checkpoints(output_workdir):
+        store = checkpoints.CheckpointStore(output_workdir, read_only=True)
+        try:
+            others = [s for s in store.steps() if s != step]
+        finally:
+            store.close()
+        if others:
+            raise CommandError(f'--output_workdir={output_workdir} holds checkpoints of steps '
+                               f'{others}, not of step {step}, the one restored; pass a new '
+                               '--output_workdir or delete that one')
+
+
+def check_finite(spec, form, images, step: int, variables) -> None:
+    """Refuses a model whose logits on `images` are not finite: there is no function to check."""
+    if np.all(np.isfinite(np.asarray(symmetry.apply(spec, form, images)))):
+        return
+    bad = ['/'.join(str(getattr(k, 'key', k)) for k in path)
+           for path, x in jax.tree_util.tree_flatten_with_path(variables)[0]
+           if not np.all(np.isfinite(np.asarray(x)))]
+    where = (f'non-finite variables: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}' if bad
+             else 'the variables are finite, the activations overflow')
+    raise CommandError(f'the logits of the checkpoint of step {step} on {len(images)} test images '
+                       f'are not finite ({where}), so there is no function to check; verify a '
+                       'run whose checkpoint has finite logits (train it again: qhnet.main rolls '
+                       'non-finite steps back)')
 
 
 def check(spec, form, images, key) -> tuple[dict, dict]:
@@ -72,11 +122,13 @@ def check(spec, form, images, key) -> tuple[dict, dict]:
 
 
 def run(workdir: str, output_workdir: str) -> dict:
-    config, variables = train.restore_variables(workdir)
+    step, config, variables = restore(workdir)
+    check_output(workdir, output_workdir, step)
     model = models.build(config.model)
     images = test_images(config, FLAGS.num_images)
     full, tied = symmetry.group_spec(model), symmetry.group_spec(model, tie_identity_shortcuts=True)
     form = symmetry.fold(full, variables)
+    check_finite(full, form, images, step, variables)
     keys = jax.random.split(jax.random.key(FLAGS.seed))
     full_element, full_report = check(full, form, images, keys[0])
     form_path = os.path.join(os.path.abspath(output_workdir), FORM_DIR)
@@ -90,14 +142,13 @@ def run(workdir: str, output_workdir: str) -> dict:
     moved_config = config.copy_and_resolve_references()
     if moved_config.model.name == 'qhnet':  # the baselines' layers hold any element as they are
         moved_config.model.mixing = True
-    step = newest_step(workdir)
     store = checkpoints.CheckpointStore(output_workdir)
     try:
         store.save(step, moved, {'step': np.asarray(step)}, moved_config)
         store.wait()
     finally:
         store.close()
-    reloaded_config, reloaded = train.restore_variables(output_workdir)
+    _, reloaded_config, reloaded = train.restore_variables(output_workdir)  # the step written
     return {
         'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
         'num_images': int(len(images)),
@@ -115,8 +166,17 @@ def main(argv: list[str]) -> None:
     if argv[1:] != ['verify']:
         raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR; '
                              f'got {argv[1:]}')
-    output_workdir = FLAGS.output_workdir or os.path.join(FLAGS.workdir, 'transformed')
-    summary = run(FLAGS.workdir, output_workdir)
+    try:
+        if FLAGS.num_images < 1:
+            raise CommandError(f'--num_images={FLAGS.num_images}: the check needs test images; '
+                               'pass --num_images=N with N >= 1')
+        if not 1 <= FLAGS.cond <= MAX_CONDITION:
+            raise CommandError(f'--cond={FLAGS.cond:g} is outside [1, {MAX_CONDITION:g}], the '
+                               'condition numbers the check has a tolerance for; pass one inside')
+        output_workdir = FLAGS.output_workdir or os.path.join(FLAGS.workdir or '', 'transformed')
+        summary = run(FLAGS.workdir, output_workdir)
+    except CommandError as error:
+        sys.exit(f'error: {error}')
     with open(os.path.join(output_workdir, 'symmetry.json'), 'w') as f:
         json.dump(summary, f, indent=2, default=float)
     print(f'streams of the full group:\n{summary["streams"]}\n'
@@ -126,7 +186,8 @@ def main(argv: list[str]) -> None:
         print(f'{name}: max relative change of the logits {r["error"]:.2e} '
               f'(tolerance {r["tolerance"]:.2e}, kappa {r["kappa"]:.3g}) on '
               f'{summary["num_images"]} test images: '
-              + ('invariant' if r['invariant'] else 'NOT INVARIANT'))
+              + ('invariant' if r['invariant'] else 'NOT INVARIANT' if r['verifiable']
+                 else r['note']))
     for name, result in summary['evaluation'].items():
         print(f'{name:>15}: top1 {result["top1"]:.4f}  top5 {result["top5"]:.4f}  '
               f'loss {result["loss"]:.4f}')

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qhnet.symmetry import groups
-from qhnet.symmetry.inference import apply, form_dtype
+from qhnet.symmetry.inference import apply, check_form, check_images, form_dtype
 from qhnet.symmetry.spec import GroupSpec
 
 
@@ -157,7 +157,9 @@ def _check(spec: GroupSpec, element: dict, force: bool) -> None:
 
 def act(spec: GroupSpec, form: dict, element: dict, force: bool = False) -> dict:
     """The form transformed by `element` (module docstring): the same function when the element
-    lies in the admitted group."""
+    lies in the admitted group. Refuses a form of another model (`check_form`) and elements
+    that do not fit the spec or (unless `force`) its groups."""
+    check_form(spec, form)
     dtype = form_dtype(form)
     _check(spec, element, force)
     new = {name: {key: np.asarray(x, np.float64) for key, x in arrays.items()}
@@ -225,8 +227,10 @@ MAX_CONDITION = 1e4
 
 def invariance_tolerance(dtype, kappa: float, width: int) -> float:
     """The largest relative change of the logits that rounding explains:
-    100 * eps(dtype) * sqrt(width) * kappa, for streams up to `width` channels wide and
-    kappa = `condition(element)`.
+    100 * eps(dtype) * sqrt(width) * min(kappa, MAX_CONDITION), for streams up to `width`
+    channels wide and kappa = `condition(element)`. It is capped at its value for
+    MAX_CONDITION: beyond that no tolerance is validated (and one that kept growing with
+    kappa would soon pass any change), so `verify` reports such elements as not verifiable.
 
     A change of basis turns the products over a stream into dense sums of `width` terms,
     with a rounding error of about sqrt(width) eps relative to the terms, amplified by up to
@@ -238,16 +242,29 @@ def invariance_tolerance(dtype, kappa: float, width: int) -> float:
     3e3 eps (float32) and 4e4 eps (float64), and with cond(T) = 1e4 (32-wide streams)
     by up to 8e5 eps: a margin of 7x or more everywhere.
     """
+    kappa = min(kappa, MAX_CONDITION)
     return TOLERANCE_FACTOR * float(np.finfo(dtype).eps) * np.sqrt(width) * kappa
 
 
 def verify(spec: GroupSpec, form: dict, element: dict, images, force: bool = False) -> dict:
     """How much `element` changes the logits of `form` on `images`.
 
-    Returns {'error': max over images of |z' - z|_inf / |z|_inf, 'tolerance':
-    `invariance_tolerance(dtype, kappa, width)`, 'kappa': `condition(element)`,
-    'invariant': error <= tolerance}, with width the widest stream.
+    Before computing anything, refuses (ValueError) a form of another model (`check_form`),
+    images that are not a non-empty NHWC batch with the stem's input channels
+    (`check_images`) and an element that does not fit the spec or, unless `force`, its groups
+    (`act`); then logits of the form that are not finite. Returns a dict of JSON types:
+
+        'error'       max over images of |z' - z|_inf / |z|_inf (float)
+        'tolerance'   `invariance_tolerance(dtype, kappa, width)`, width the widest stream
+        'kappa'       `condition(element)` (float)
+        'verifiable'  kappa <= MAX_CONDITION (bool): beyond it, with `force`, rounding alone
+                      can exceed any validated tolerance, so the check means nothing
+        'invariant'   verifiable and error <= tolerance (bool)
+        'note'        only when not verifiable: 'not verifiable at this condition number ...'
     """
+    check_form(spec, form)
+    check_images(spec, form, images)
+    _check(spec, element, force)
     dtype = form_dtype(form)
     logits = np.asarray(apply(spec, form, images), np.float64)
     if not np.all(np.isfinite(logits)):
@@ -259,4 +276,11 @@ def verify(spec: GroupSpec, form: dict, element: dict, images, force: bool = Fal
     error = float((np.abs(moved - logits).max(axis=-1) / scale).max())
     kappa = condition(element)
     tol = invariance_tolerance(dtype, kappa, max(s.width for s in spec.streams))
-    return {'error': error, 'tolerance': tol, 'kappa': kappa, 'invariant': bool(error <= tol)}
+    report = {'error': error, 'tolerance': float(tol), 'kappa': kappa,
+              'verifiable': kappa <= MAX_CONDITION,
+              'invariant': bool(kappa <= MAX_CONDITION and error <= tol)}
+    if not report['verifiable']:
+        report['note'] = (f'not verifiable at this condition number: kappa = {kappa:.3g} > '
+                          f'MAX_CONDITION = {MAX_CONDITION:g}, beyond which no tolerance is '
+                          f'validated (the tolerance shown is the one for {MAX_CONDITION:g})')
+    return report

@@ -142,20 +142,106 @@ def _fold_block(structure: Structure, variables, block: Block) -> dict[str, np.n
     return {key: form[key] for key in block_keys(structure)}
 
 
-def check_variables(structure: Structure, variables) -> None:
-    """Every variable the model has, with the shape it has (`Structure.variable_shapes`)."""
-    for path, shape in structure.variable_shapes:
-        node = variables
-        for key in path.split('/'):
-            if not hasattr(node, 'keys') or key not in node:
-                raise ValueError(f'the variables do not match the model: {path} is missing; fold '
-                                 'the variables the model was initialised or trained with')
-            node = node[key]
-        if len(node.shape) != len(shape) or any(
-                s is not None and s != t for s, t in zip(shape, node.shape)):
-            raise ValueError(f'the variables do not match the model: {path} has shape '
-                             f'{node.shape}, the model needs {shape}; fold the variables the model '
-                             'was initialised or trained with')
+def _names(items: list[str], limit: int = 6) -> str:
+    more = f' and {len(items) - limit} more' if len(items) > limit else ''
+    return ', '.join(items[:limit]) + more
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{'params/stem_conv/kernel': shape, ...} for every leaf of a nested dict of arrays."""
+    return {'/'.join(str(getattr(key, 'key', key)) for key in path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _brief(paths: set[str], other: set[str]) -> list[str]:
+    """`paths`, a layer that `other` has nothing of by the layer's name ('params/stage1_block2'),
+    any other path in full."""
+    other_layers = {'/'.join(path.split('/')[:2]) for path in other}
+    names = []
+    for path in sorted(paths):
+        layer = '/'.join(path.split('/')[:2])
+        name = path if layer in other_layers else layer
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def check_variables(structure, variables) -> None:
+    """Exactly the variables the model has (`structure.variable_shapes`), with its shapes: a
+    ValueError names the arrays or layers (blocks) that are missing, extra or misshapen."""
+    expected, got = dict(structure.variable_shapes), _shapes(variables)
+    problems = []
+    missing, extra = set(expected) - set(got), set(got) - set(expected)
+    if missing:
+        problems.append(f'missing {_names(_brief(missing, set(got)))}')
+    if extra:
+        problems.append(f'extra {_names(_brief(extra, set(expected)))}, which the model has not')
+    for path in sorted(set(expected) & set(got)):
+        shape, need = got[path], expected[path]
+        if len(shape) != len(need) or any(n is not None and n != s for n, s in zip(need, shape)):
+            problems.append(f'{path} has shape {shape}, the model needs {need}')
+    if problems:
+        raise ValueError(f'the variables do not match the model: {"; ".join(problems[:3])}; '
+                         'fold them with the spec of the model they were initialised or trained '
+                         'with, group_spec(that model)')
+
+
+def form_keys(structure) -> dict[str, tuple[str, ...]]:
+    """The layers of the model's inference form, the stem first, and the arrays each holds."""
+    if not isinstance(structure, Structure):
+        from qhnet.symmetry import baselines  # it builds on this module
+        return {layer.path: ('kernel', 'bias') for layer in baselines.layers(structure)}
+    return {'stem': ('kernel', 'bias'), **{b.name: block_keys(structure) for b in structure.blocks},
+            'head': ('kernel', 'bias')}
+
+
+def _difference(name: str, wanted, held) -> str | None:
+    """'<name> lacks a, b and has c, which the spec's model has not', or None if they agree."""
+    lacks, extra = [k for k in wanted if k not in held], [k for k in held if k not in wanted]
+    parts = ([f'lacks {_names(lacks)}'] if lacks else []) + (
+        [f'has {_names(extra)}, which the spec\'s model has not'] if extra else [])
+    return f'{name} {" and ".join(parts)}' if parts else None
+
+
+def _form_mismatch(spec, form) -> str | None:
+    """The first way in which `form` differs from an inference form of `spec`'s model, or None."""
+    expected = form_keys(spec.structure)
+    if not hasattr(form, 'keys'):
+        return f'a form is a dict of layers, as `fold` returns; got {type(form).__name__}'
+    problem = _difference('the form', list(expected), list(form))
+    for layer, keys in expected.items():  # once the layers agree, their arrays
+        problem = problem or _difference(
+            layer, keys, list(form[layer]) if hasattr(form[layer], 'keys') else [])
+    if problem:
+        return problem
+    for stream in spec.streams:
+        for e in stream.entries:
+            shape, size = np.shape(form[e.path[0]][e.path[1]]), stream.width * e.repeat
+            if len(shape) <= e.axis or shape[e.axis] != size:
+                return (f'{"/".join(e.path)} has shape {shape}, but stream {stream.name!r} needs '
+                        f'{size} channels on axis {e.axis}')
+    return None
+
+
+def check_form(spec, form) -> None:
+    """That `form` is an inference form of `spec`'s model: the same layers, the arrays of each
+    (`form_keys`), and on every axis a stream acts on, the stream's width. A ValueError names
+    the first mismatch."""
+    problem = _form_mismatch(spec, form)
+    if problem:
+        raise ValueError(f'the form does not match the spec: {problem}; fold the variables '
+                         "with this model's spec: form = fold(spec, variables)")
+
+
+def check_images(spec, form, images) -> None:
+    """That `images` is a batch of at least one NHWC image with the channels the form's stem
+    kernel reads (any height and width)."""
+    kernel = np.shape(form[next(iter(form_keys(spec.structure)))]['kernel'])
+    shape, channels = tuple(np.shape(images)), kernel[2]
+    if len(shape) != 4 or 0 in shape or shape[-1] != channels:
+        raise ValueError(f'images must be an NHWC batch of shape (N, H, W, {channels}) with '
+                         f'N, H, W >= 1 and {channels} the input channels of the stem kernel '
+                         f'{kernel}; got shape {shape}')
 
 
 def fold(spec, variables, dtype=np.float32) -> dict:
@@ -234,9 +320,12 @@ def apply(spec, form: dict, images: jax.Array) -> jax.Array:
     """Logits of the inference form on NHWC `images`, computed in the form's dtype.
 
     Equals `model.apply(variables, images, train=False)` for `form = fold(spec, variables)`.
-    A baseline's spec applies by `qhnet.symmetry.baselines.apply`.
+    Refuses a form of another model (`check_form`) and images of the wrong shape
+    (`check_images`). A baseline's spec applies by `qhnet.symmetry.baselines.apply`.
     """
     structure = spec.structure
+    check_form(spec, form)
+    check_images(spec, form, images)
     if not isinstance(structure, Structure):
         from qhnet.symmetry import baselines  # it builds on this module
         return baselines.apply(spec, form, images)
@@ -272,10 +361,12 @@ def unfold(spec, form: dict, dtype=np.float32) -> dict:
     Every BN becomes x -> x + bias (scale 1, mean 0, var 1 - eps). The Flax model has no
     parameter for an identity shortcut, so a form whose identity-shortcut blocks hold a
     map other than the identity (an element that changes basis across such a block) is
-    refused; sample from `group_spec(model, tie_identity_shortcuts=True)` to avoid them.
-    A baseline's spec unfolds by `qhnet.symmetry.baselines.unfold`.
+    refused; sample from `group_spec(model, tie_identity_shortcuts=True)` to avoid them, and
+    so is a form of another model (`check_form`). A baseline's spec unfolds by
+    `qhnet.symmetry.baselines.unfold`.
     """
     structure = spec.structure
+    check_form(spec, form)
     if not isinstance(structure, Structure):
         from qhnet.symmetry import baselines  # it builds on this module
         return baselines.unfold(spec, form, dtype)

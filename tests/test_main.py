@@ -1,0 +1,75 @@
+"""`python -m qhnet.main` reports bad input in one line that names the problem and the fix:
+no traceback, a non-zero exit, and nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = '--config=configs/eq3_softball.py:digits'
+
+
+def run_main(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'qhnet.main', *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=300, check=False)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """stderr without absl's log lines (they start with I, W or E and a date)."""
+    return [line for line in result.stderr.splitlines()
+            if line.strip() and not (line[0] in 'IWE' and line[1:5].isdigit())]
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    lines = error_lines(result)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('args,fragments', [
+    (['--config.batch_sise=64'], ["unknown key 'batch_sise'", 'Did you mean "batch_size"']),
+    (['--config.model.widths=(8.5,16)'], ['model.widths (8.5, 16)', 'positive integers']),
+    (['--config.model.placement=everywhere'], ["unknown model.placement 'everywhere'",
+                                               "valid choices: ['ds', 'all']"]),
+])
+def test_bad_config_values(tmp_path, args, fragments):
+    workdir = tmp_path / 'workdir'
+    result = run_main(DIGITS, f'--workdir={workdir}', *args)
+    assert_one_line_error(result, *fragments)
+    assert not workdir.exists()
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    workdir = tmp_path / 'workdir'
+    missing = run_main('--config=configs/no_such_row.py', f'--workdir={workdir}')
+    assert_one_line_error(missing, 'configs/no_such_row.py', 'No such file or directory')
+    broken = tmp_path / 'broken.py'
+    broken.write_text('def get_config(:\n')
+    result = run_main(f'--config={broken}', f'--workdir={workdir}')
+    assert_one_line_error(result, 'invalid syntax')
+    variant = run_main('--config=configs/eq3_softball.py:cifar10', f'--workdir={workdir}')
+    assert_one_line_error(variant, "unknown config argument 'cifar10'", "'fashion_mnist'")
+    assert not workdir.exists()
+
+
+def test_unusable_workdir(tmp_path):
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('keep me')
+    assert_one_line_error(run_main(DIGITS, f'--workdir={a_file}'), 'is a file, not a directory')
+    assert a_file.read_text() == 'keep me'
+    assert_one_line_error(run_main(DIGITS, '--workdir=/proc/qhnet_workdir'),
+                          'cannot write to --workdir=/proc/qhnet_workdir', 'pick a writable')
+
+
+def test_workdir_without_a_readable_checkpoint(tmp_path):
+    """A checkpoints folder whose only step is junk: nothing is moved or deleted."""
+    step = tmp_path / 'workdir' / 'checkpoints' / '5'
+    step.mkdir(parents=True)
+    (step / 'junk').write_text('not a checkpoint')
+    result = run_main(DIGITS, f'--workdir={tmp_path / "workdir"}')
+    assert_one_line_error(result, 'none of the checkpoints', 'nothing was changed there')
+    assert (step / 'junk').read_text() == 'not a checkpoint'
