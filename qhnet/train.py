@@ -283,6 +283,18 @@ def eval_logits(model: flax.linen.Module) -> Callable[[Any, jax.Array], jax.Arra
     return lambda variables, images: model.apply(variables, images, train=False)
 
 
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """`tree` (the same values on every process) as global arrays replicated by `sharding`.
+    Unlike `jax.device_put`, this works when the mesh spans devices of other processes."""
+    def put(x):
+        if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(put, tree)
+
+
 def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis 'data' over `devices` (default: all devices of all hosts)."""
     return Mesh(np.asarray(list(devices or jax.devices())), ('data',))
@@ -386,7 +398,7 @@ def evaluate(config: ml_collections.ConfigDict, variables: Any, split: str = 'te
     `config.data`, sharded over all devices: of `variables` (a model of `config.model`), or
     of whatever `logits_fn(variables, images)` computes (e.g. an inference form's logits)."""
     mesh = make_mesh()
-    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    variables = replicate(variables, NamedSharding(mesh, PartitionSpec()))
     logits_fn = logits_fn or eval_logits(models.build(config.model))
     return _evaluate(jit_eval_step(mesh, logits_fn), variables, config, mesh, split)
 
@@ -512,7 +524,7 @@ class _TrainingRun:
         self.eval_step = jit_eval_step(self.mesh, eval_logits(self.model))
         init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
         self.init_rng = init_rng
-        self.dropout_rng = jax.device_put(dropout_rng, self.replicated)
+        self.dropout_rng = replicate(dropout_rng, self.replicated)
         self.is_chief = jax.process_index() == 0
         self.store = checkpoints.CheckpointStore(workdir, max_to_keep=config.checkpoint.max_to_keep)
         self.writer = metrics.MetricWriter(workdir, enabled=self.is_chief)
@@ -635,7 +647,7 @@ class _TrainingRun:
         self.rollback_step = int(state.step)
         self.writer.supersede_after(self.rollback_step)
         self.lr_scale = lr_scale
-        state = state.replace(lr_scale=jax.device_put(jnp.float32(self.lr_scale), self.replicated))
+        state = state.replace(lr_scale=replicate(jnp.float32(self.lr_scale), self.replicated))
         self.writer.event(
             breakdown.step, 'rollback',
             f'{found}; rolled back to step {int(state.step)} with the learning rate scaled by '

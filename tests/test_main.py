@@ -1,11 +1,17 @@
 """`python -m qhnet.main` reports bad input in one line that names the problem and the fix:
 no traceback, a non-zero exit, and nothing written."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+
+from qhnet import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = '--config=configs/eq3_softball.py:digits'
@@ -73,3 +79,29 @@ def test_workdir_without_a_readable_checkpoint(tmp_path):
     result = run_main(DIGITS, f'--workdir={tmp_path / "workdir"}')
     assert_one_line_error(result, 'none of the checkpoints', 'nothing was changed there')
     assert (step / 'junk').read_text() == 'not a checkpoint'
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """--multihost with two processes on this machine (one CPU device each, gloo collectives):
+    both finish, and the parameters match a one-process run of the same config."""
+    with socket.socket() as probe:
+        probe.bind(('localhost', 0))
+        port = probe.getsockname()[1]
+    args = [DIGITS, '--config.num_epochs=2', '--config.progress_bar=False']
+    workdir = tmp_path / 'two'
+    processes = [subprocess.Popen(
+        [sys.executable, '-m', 'qhnet.main', *args, f'--workdir={workdir}', '--multihost',
+         f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        assert 'JAX process' in stderr and '2 global cpu devices' in stderr
+    single = run_main(*args, f'--workdir={tmp_path / "one"}')
+    assert single.returncode == 0, single.stderr[-3000:]
+    summaries = [json.loads((tmp_path / name / 'summary.json').read_text()) for name in ('two', 'one')]
+    assert summaries[0]['devices'] == 2 and summaries[1]['devices'] == 1
+    assert summaries[0]['test_top1'] == summaries[1]['test_top1']
+    two, one = (train.restore_variables(str(tmp_path / name)).variables for name in ('two', 'one'))
+    for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
