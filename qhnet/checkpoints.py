@@ -79,8 +79,9 @@ class _DropReadOnlyNotices(std_logging.Filter):
 class _HoldOrbaxErrors(std_logging.Filter):
     """Holds back what orbax's background threads report while a save runs (error records and
     uncaught exceptions, a traceback each): a failed save is reported once, by
-    CheckpointWriteError. Used as a context manager around the save; `release()` restores the
-    hooks, and stays undone after a failed save, whose threads keep failing until exit."""
+    CheckpointWriteError. `hold()` before the save installs it; `release()` after a save that
+    succeeded restores the hooks. After a failed save it stays installed: orbax's threads keep
+    failing until the process exits."""
 
     def __init__(self):
         super().__init__()
@@ -304,9 +305,6 @@ class CheckpointStore:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f'qhnet_set_aside_checkpoint_{step}')
         self._manager.reload()
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()

@@ -637,7 +637,7 @@ class _TrainingRun:
         # A run that breaks down again before saving past its last rollback walks back further:
         # that checkpoint itself may be what breaks down. It is set aside, not deleted. With no
         # older checkpoint left, the oldest is retried (at the lower learning rate).
-        newest = self.store.steps()[0] if self.store.steps() else None
+        newest = next(iter(self.store.steps()), None)
         state = None
         if newest is not None and newest == self.rollback_step:
             state = self._restore(before=newest)

@@ -121,7 +121,6 @@ def test_non_finite_model_is_refused(workdir, tmp_path):
     poisoned = str(tmp_path / 'poisoned')
     store = checkpoints.CheckpointStore(poisoned)
     store.save(step, variables, {'step': np.asarray(step)}, config)
-    store.wait()
     store.close()
     line = error_line(run_cli('verify', f'--workdir={poisoned}', '--num_images=64'))
     assert f'the logits of the checkpoint of step {step} on 64 test images are not finite' in line

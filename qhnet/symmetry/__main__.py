@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from qhnet import checkpoints, data, models, train
 from qhnet import symmetry
 from qhnet.symmetry.action import MAX_CONDITION
+from qhnet.symmetry.inference import leaves
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training workdir holding checkpoints.')
@@ -104,9 +105,7 @@ def check_finite(spec, form, images, step: int, variables) -> None:
     """Refuses a model whose logits on `images` are not finite: there is no function to check."""
     if np.all(np.isfinite(np.asarray(symmetry.apply(spec, form, images)))):
         return
-    bad = ['/'.join(str(getattr(k, 'key', k)) for k in path)
-           for path, x in jax.tree_util.tree_flatten_with_path(variables)[0]
-           if not np.all(np.isfinite(np.asarray(x)))]
+    bad = [name for name, x in leaves(variables) if not np.all(np.isfinite(np.asarray(x)))]
     where = (f'non-finite variables: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}' if bad
              else 'the variables are finite, the activations overflow')
     raise CommandError(f'the logits of the checkpoint of step {step} on {len(images)} test images '
@@ -145,7 +144,6 @@ def run(workdir: str, output_workdir: str) -> dict:
     store = checkpoints.CheckpointStore(output_workdir)
     try:
         store.save(step, moved, {'step': np.asarray(step)}, moved_config)
-        store.wait()
     finally:
         store.close()
     _, reloaded_config, reloaded = train.restore_variables(output_workdir)  # the step written

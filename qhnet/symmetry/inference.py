@@ -147,10 +147,10 @@ def _names(items: list[str], limit: int = 6) -> str:
     return ', '.join(items[:limit]) + more
 
 
-def _shapes(tree) -> dict[str, tuple]:
-    """{'params/stem_conv/kernel': shape, ...} for every leaf of a nested dict of arrays."""
-    return {'/'.join(str(getattr(key, 'key', key)) for key in path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def leaves(tree) -> list[tuple[str, object]]:
+    """[('params/stem_conv/kernel', leaf), ...] for every leaf of a nested dict of arrays."""
+    return [('/'.join(str(getattr(key, 'key', key)) for key in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _brief(paths: set[str], other: set[str]) -> list[str]:
@@ -169,7 +169,8 @@ def _brief(paths: set[str], other: set[str]) -> list[str]:
 def check_variables(structure, variables) -> None:
     """Exactly the variables the model has (`structure.variable_shapes`), with its shapes: a
     ValueError names the arrays or layers (blocks) that are missing, extra or misshapen."""
-    expected, got = dict(structure.variable_shapes), _shapes(variables)
+    expected = dict(structure.variable_shapes)
+    got = {name: tuple(np.shape(leaf)) for name, leaf in leaves(variables)}
     problems = []
     missing, extra = set(expected) - set(got), set(got) - set(expected)
     if missing:
