@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from typing import Any, Callable, Mapping
 
 from absl import logging
@@ -200,6 +201,10 @@ class CheckpointStore:
             if jax.process_index() == 0:
                 self._write_digest(step)
         except Exception as error:  # pylint: disable=broad-except
+            # The failed save leaves orbax's write coroutines unawaited; Python would warn of
+            # each as the process exits, after the one-line error.
+            warnings.filterwarnings('ignore', message="coroutine '.*' was never awaited",
+                                    category=RuntimeWarning)
             kept = [s for s in self.steps() if s != step]
             reason = 'the disk is full' if _disk_full(error) else _describe(error)
             raise CheckpointWriteError(
