@@ -1,8 +1,10 @@
-"""Input pipelines: Fashion-MNIST, digits, ImageNet-100 and prepared TFDS datasets.
+"""Input pipelines on grain: Fashion-MNIST, digits, any ImageFolder, ImageNet-100, TFDS.
 
-`get_info(config.data)` describes a dataset cheaply and checks that it is there;
-`make_iterator(config.data, split, ...)` streams batches of
-`{'image': float32 [B, H, W, C], 'label': int32 [B]}`, plus `'mask'` on eval.
+`open_dataset(config.data)` checks the config, finds and lists the data once, and returns
+a `Dataset`: its `info`, and `batches(split, ...)`, an iterator over
+`{'image': uint8 [B, H, W, C], 'label': int32 [B]}`, plus `'mask'` on eval and `'erase'`
+boxes when random erasing is on. Images stay uint8 until the device: `normalise(images,
+info)` (inside the jitted step) makes the float32 the models read.
 
 Datasets, by `config.data.name`:
 
@@ -11,11 +13,17 @@ Datasets, by `config.data.name`:
   held in memory: 60,000 train and 10,000 test images, 28x28x1.
 * `digits`: scikit-learn's bundled 8x8 digits (1,797 images, nothing to
   download); the first 1,500 are the train split and the last 297 the test split.
+* `imagefolder`: any tree `data_dir/train/<class>/*` and `data_dir/val/<class>/*` of JPEG
+  or PNG images (8- or 16-bit, RGB or grayscale). Classes are the sorted folder names of
+  train/, or those of `class_list`; val/ must have the same folders. The dataset is
+  grayscale when every header checked at open is (every val image, the first of each
+  train class), else RGB.
 * `imagenet100`: the 100 ImageNet classes of CMC (Tian, Krishnan and Isola,
   "Contrastive Multiview Coding", 2019; the list published as imagenet100.txt in
-  github.com/HobbitLong/CMC, packaged here as qhnet/imagenet100.txt), read from an
-  ImageFolder tree (`train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`) or from a TFDS
-  `imagenet2012` prepared as array_record. Class i is the i-th wnid in sorted order.
+  github.com/HobbitLong/CMC, packaged here as qhnet/imagenet100.txt): an `imagefolder`
+  with that class list (`train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`; other folders are
+  ignored), or a TFDS `imagenet2012` prepared as array_record. Class i is the i-th wnid
+  in sorted order.
 * any other name: a TFDS dataset with `image` and `label` features, prepared in
   `data_dir` as array_record (read with `tfds.data_source`, no TensorFlow).
 
@@ -26,24 +34,28 @@ opened (once per process while they are unchanged); a damaged one raises
 cannot be decoded raises `CorruptImageError` naming its file (or TFDS record)
 instead of being skipped, so a stream never changes silently.
 
-Training streams depend only on (seed, step): epoch e is the permutation of the
-split drawn from (seed, e), the global batch at step k holds positions
-k*G .. k*G+G-1 of the stream (G = batch_size * process_count, remainders dropped),
-process p takes rows p*batch_size onwards, and each example's augmentation is
-drawn from (seed, its position). So `start_step` resumes bit for bit, and the
-global stream does not depend on the process count.
+Streams are grain `MapDataset`s: decoding and augmentation run in `.map`, in
+`config.data.num_workers` worker processes (`mp_prefetch`; 0 decodes in this
+process), and depend only on (seed, step): epoch e is the permutation of the split
+drawn from (seed, e), the global batch at step k holds positions k*G .. k*G+G-1 of
+the stream (G = batch_size * process_count, remainders dropped), process p takes rows
+p*batch_size onwards, and each example's augmentation is drawn from (seed, its
+position). So `start_step` resumes bit for bit without saved iterator state, and the
+global stream does not depend on the process count or the number of workers.
 
-Augmentation (`augment`, train split only): ImageNet-style datasets get a
+Augmentation (train split only). `augment`: ImageNet-style datasets get a
 random-resized crop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip;
 Fashion-MNIST and other fixed-size TFDS datasets a random crop after reflect
 padding (2 pixels at 28x28; 1/8 of the side for others) and a horizontal flip;
 digits none. Without it, ImageNet-style images are resized so that the shorter
-side is image_size / 0.875 and centre-cropped.
+side is image_size / 0.875 and centre-cropped (an image already image_size square is
+used as it is). JPEGs are decoded at the smallest DCT scale that still covers the crop.
+`rand_augment` then applies timm's RandAugment and `erasing` draws timm's random-erasing
+boxes, filled with N(0, 1) noise on the device (`qhnet.augment`).
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -54,13 +66,16 @@ import os
 from typing import Callable, Iterator
 import zlib
 
+from absl import flags
 from absl import logging
+import grain
 import numpy as np
 from PIL import Image
 
+from qhnet import augment
 from qhnet import config
 
-NAMES = ('fashion_mnist', 'digits', 'imagenet100')
+NAMES = ('fashion_mnist', 'digits', 'imagefolder', 'imagenet100')
 FORMATS = ('auto', 'imagefolder', 'tfds')
 SPLITS = ('train', 'test')
 
@@ -92,8 +107,11 @@ _CENTRAL_CROP_FRACTION = 0.875
 _CROP_SCALE = (0.08, 1.0)
 _CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 _PREFETCH_BATCHES = 2
-# Tags that keep the random streams of shuffling and of augmentation apart.
-_SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
+_THREADS_WITHOUT_WORKERS = 2
+_ENDLESS = 2**40  # steps of a training stream
+_GRAYSCALE_MODES = ('1', 'L', 'LA', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+# Tags that keep the random streams of shuffling and of each augmentation apart.
+_SHUFFLE_STREAM, _AUGMENT_STREAM, _RAND_AUGMENT_STREAM, _ERASING_STREAM = 0, 1, 2, 3
 
 _FASHION_MNIST_SETUP = (
     'Install it with `sudo apt-get install dataset-fashion-mnist` (files land in '
@@ -114,6 +132,11 @@ _IMAGENET_SETUP = (
     'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in <manual_dir> and '
     'run once `tfds build imagenet2012 --data_dir=<data_dir> --manual_dir=<manual_dir> '
     '--file_format=array_record` (building may need TensorFlow; reading it here does not).')
+
+
+_IMAGEFOLDER_SETUP = (
+    'Set config.data.data_dir to a folder holding train/<class>/* and val/<class>/* (JPEG or '
+    'PNG images, one folder per class, the same class folders in both).')
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -137,49 +160,104 @@ class DatasetInfo:
     num_train: int
     num_test: int
     class_names: tuple[str, ...]
+    # Pixel statistics per output channel, in [0, 1] units (what `normalise` uses).
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+def open_dataset(data_config) -> Dataset:
+    """Checks `data_config`, finds the data and lists it: once per run.
+
+    Reads no image except Fashion-MNIST's files (read and checked here, see
+    `_read_fashion_mnist`) and an ImageFolder's headers (every val image, the first image
+    of each train class): a damaged eval image is found before training starts.
+    """
+    settings = _read_settings(data_config)
+    return Dataset(settings, _open(settings))
 
 
 def get_info(data_config) -> DatasetInfo:
-    """Checks `data_config` and that the data is present.
+    """`open_dataset(data_config).info`."""
+    return open_dataset(data_config).info
 
-    Reads no image, except Fashion-MNIST's files, which are read and checked here (see
-    `_read_fashion_mnist`) and kept for `make_iterator`.
+
+def make_iterator(data_config, split: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """`open_dataset(data_config).batches(split, **kwargs)`."""
+    return open_dataset(data_config).batches(split, **kwargs)
+
+
+def normalise(images, info: DatasetInfo):
+    """uint8 pixels to the float32 the models read: (x / 255 - mean) / std per channel.
+
+    Plain arithmetic on `images`, so it runs on numpy arrays and inside `jax.jit` alike.
     """
-    return _open(_read_settings(data_config)).info
+    std = np.asarray(info.std, np.float32)
+    scale = 1 / (255 * std)
+    offset = np.asarray(info.mean, np.float32) / std
+    return images.astype(np.float32) * scale - offset
 
 
-def make_iterator(data_config, split: str, *, batch_size: int, seed: int, train: bool,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `split` ('train' or 'test') for this process; see the module docstring.
+class Dataset:
+    """An opened dataset: `info`, and `batches` of any split. Splits are loaded once."""
 
-    train=True: an endless stream (shuffled every epoch, remainders dropped,
-    augmented if `augment` and split is train), starting after `start_step` batches already
-    consumed.
-    train=False: one pass in order; the last batch is padded to `batch_size` and
-    every batch has a float32 `mask` (1 for real examples, 0 for padding).
-    """
-    if split not in SPLITS:
-        raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-    if batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f'need batch_size >= 1 and 0 <= process_index < process_count, got '
-                         f'{batch_size=}, {process_index=}, {process_count=}')
-    if seed < 0 or start_step < 0:
-        raise ValueError(f'seed and start_step must be non-negative, got {seed=}, {start_step=}')
-    settings = _read_settings(data_config)
-    dataset = _open(settings)
-    examples = dataset.load(split)
-    if train:
-        plan = _train_plan(examples.size, batch_size, process_index, process_count, seed,
-                           start_step)
-    else:
-        plan = _eval_plan(examples.size, batch_size, process_index, process_count)
-    pipeline = _Pipeline(dataset, seed, augment=train and split == 'train' and settings.augment,
-                         image_size=dataset.info.image_shape[0],
-                         channels=dataset.info.image_shape[2])
-    if isinstance(examples, _ArraySplit):
-        return (pipeline.array_batch(examples, batch) for batch in plan)
-    return pipeline.record_batches(examples, plan, settings.num_workers)
+    def __init__(self, settings: _Settings, opened: _Dataset):
+        self.settings = settings
+        self._opened = opened
+        copies = opened.info.image_shape[2] // opened.native_channels
+        self.info = dataclasses.replace(opened.info, mean=opened.mean * copies,
+                                        std=opened.std * copies)
+        self._splits: dict[str, _ArraySplit | _RecordSplit] = {}
+
+    def _split(self, split: str) -> _ArraySplit | _RecordSplit:
+        if split not in self._splits:
+            self._splits[split] = self._opened.load(split)
+        return self._splits[split]
+
+    def batches(self, split: str, *, batch_size: int, seed: int, train: bool,
+                start_step: int = 0, process_index: int = 0,
+                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of `split` ('train' or 'test') for this process; see the module docstring.
+
+        train=True: an endless stream (shuffled every epoch, remainders dropped, augmented
+        as `config.data` says if split is 'train'), starting after `start_step` batches
+        already consumed.
+        train=False: one pass in order; the last batch is padded to `batch_size` with zero
+        images and every batch has a float32 `mask` (1 for real examples, 0 for padding).
+        """
+        if split not in SPLITS:
+            raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+        if batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f'need batch_size >= 1 and 0 <= process_index < process_count, '
+                             f'got {batch_size=}, {process_index=}, {process_count=}')
+        if seed < 0 or start_step < 0:
+            raise ValueError(f'seed and start_step must be non-negative, got {seed=}, '
+                             f'{start_step=}')
+        examples = self._split(split)
+        plan = _Plan(examples.size, batch_size, process_index, process_count, seed, train)
+        if train and plan.steps_per_epoch == 0:
+            raise ValueError(f'global batch {plan.global_batch} is larger than the split '
+                             f'({examples.size})')
+        steps = (start_step, _ENDLESS) if train else (0, plan.eval_steps)
+        transform = self._transform(seed, augmented=train and split == 'train')
+        if isinstance(examples, _ArraySplit):
+            return _batches(grain.MapDataset.range(*steps).map(
+                _ArrayBatches(examples, plan, transform)), num_workers=0)
+        rows = grain.MapDataset.range(steps[0] * batch_size, steps[1] * batch_size)
+        return _batches(rows.map(_RecordExamples(examples, plan, transform)).batch(
+            batch_size, batch_fn=_stack), self.settings.num_workers)
+
+    def _transform(self, seed: int, augmented: bool) -> _Transform:
+        opened, settings = self._opened, self.settings
+        return _Transform(
+            seed=seed, size=self.info.image_shape[0], channels=self.info.image_shape[2],
+            native_channels=opened.native_channels, variable_size=opened.variable_size,
+            crop_padding=opened.crop_padding, augment=augmented and settings.augment,
+            rand_augment=augmented and settings.rand_augment,
+            rand_augment_magnitude=settings.rand_augment_magnitude,
+            rand_augment_std=settings.rand_augment_std,
+            fill=tuple(round(255 * m) for m in opened.mean),
+            erasing=settings.erasing if augmented else 0.0,
+            erasing_count=settings.erasing_count)
 
 
 # Configuration.
@@ -193,6 +271,11 @@ class _Settings:
     image_size: int | None
     channels: int | None
     augment: bool
+    rand_augment: bool
+    rand_augment_magnitude: float
+    rand_augment_std: float
+    erasing: float
+    erasing_count: int
     num_workers: int
     class_list: str | None
 
@@ -215,13 +298,28 @@ def _read_settings(data_config) -> _Settings:
     if channels not in (None, 1, 3):
         raise ValueError(f'config.data.channels must be one of (None, 1, 3), got {channels!r}')
     num_workers = data_config.num_workers
-    if not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-        raise ValueError(f'config.data.num_workers must be a positive int, got {num_workers!r}')
+    if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+        raise ValueError(f'config.data.num_workers must be an int >= 0, got {num_workers!r}')
+    for key, low, high in (('rand_augment_magnitude', 0, 10), ('rand_augment_std', 0, 10),
+                           ('erasing', 0, 1), ('erasing_count', 1, 100)):
+        value = data_config[key]
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                or not low <= value <= high):
+            raise ValueError(f'config.data.{key} must be a number in [{low}, {high}], '
+                             f'got {value!r}')
+    for key in ('augment', 'rand_augment'):
+        if not isinstance(data_config[key], bool):
+            raise ValueError(f'config.data.{key} must be True or False, got {data_config[key]!r}')
     data_dir = data_config.data_dir
     class_list = data_config.class_list
     return _Settings(name=name, data_dir=None if data_dir is None else os.fspath(data_dir),
                      format=data_format, image_size=None if image_size is None else int(image_size),
-                     channels=channels, augment=bool(data_config.augment),
+                     channels=channels, augment=data_config.augment,
+                     rand_augment=data_config.rand_augment,
+                     rand_augment_magnitude=float(data_config.rand_augment_magnitude),
+                     rand_augment_std=float(data_config.rand_augment_std),
+                     erasing=float(data_config.erasing),
+                     erasing_count=int(data_config.erasing_count),
                      num_workers=int(num_workers),
                      class_list=None if class_list is None else os.fspath(class_list))
 
@@ -267,16 +365,18 @@ def _open(settings: _Settings) -> _Dataset:
         return _open_fashion_mnist(settings)
     if settings.name == 'digits':
         return _open_digits(settings)
+    if settings.name == 'imagefolder':
+        return _open_imagefolder(settings)
     if settings.name == 'imagenet100':
         return _open_imagenet100(settings)
     return _open_tfds(settings)
 
 
-def _output_shape(settings: _Settings, native_size: int,
-                  native_channels: int) -> tuple[int, int, int]:
+def _output_shape(settings: _Settings, native_size: int, native_channels: int,
+                  name: str | None = None) -> tuple[int, int, int]:
     if settings.channels == 1 and native_channels == 3:
         raise ValueError(f'config.data.channels=1 needs a grayscale dataset; '
-                         f'{settings.name} is RGB')
+                         f'{name or settings.name} is RGB')
     size = settings.image_size or native_size
     return size, size, settings.channels or native_channels
 
@@ -415,16 +515,15 @@ def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(resized)[..., None]
 
 
-def _read_class_list(settings: _Settings) -> tuple[str, ...]:
-    """The wnids of `class_list` (default: the packaged ImageNet-100 list), sorted."""
-    path = settings.class_list or IMAGENET100_CLASSES
+def _read_class_list(path: str) -> tuple[str, ...]:
+    """The class names (wnids) in the file `path`, one a line, sorted."""
     try:
         with open(path) as f:
             wnids = [line.strip() for line in f if line.strip()]
     except FileNotFoundError as e:
         raise DatasetNotFoundError(f'class list {path} not found (config.data.class_list)') from e
     if not wnids or len(set(wnids)) != len(wnids):
-        raise ValueError(f'class list {path} must hold distinct wnids, one a line')
+        raise ValueError(f'class list {path} must hold distinct class names, one a line')
     return tuple(sorted(wnids))
 
 
@@ -433,31 +532,50 @@ def _open_imagenet100(settings: _Settings) -> _Dataset:
     if not data_dir or not os.path.isdir(data_dir):
         raise DatasetNotFoundError(f'ImageNet-100 data_dir {data_dir!r} does not exist. '
                                    f'{_IMAGENET_SETUP}')
-    class_names = _read_class_list(settings)
+    class_names = _read_class_list(settings.class_list or IMAGENET100_CLASSES)
     data_format = settings.format
     if data_format == 'auto':
         data_format = 'imagefolder' if os.path.isdir(os.path.join(data_dir, 'train')) else 'tfds'
     if data_format == 'imagefolder':
-        splits = _list_imagefolder(data_dir, class_names)
-    else:
-        splits = _filter_tfds_imagenet(settings, class_names)
-    counts = {split: examples.size for split, examples in splits.items()}
-    shape = _output_shape(settings, _DEFAULT_IMAGE_SIZE, 3)
-    info = DatasetInfo('imagenet100', len(class_names), shape, counts['train'], counts['test'],
-                       class_names)
-    return _Dataset(info, splits.__getitem__, _IMAGENET_MEAN, _IMAGENET_STD, native_channels=3,
-                    variable_size=True, crop_padding=0)
+        return _open_imagefolder(settings, class_names, 'imagenet100', _IMAGENET_SETUP)
+    splits = _filter_tfds_imagenet(settings, class_names)
+    return _folder_dataset(settings, 'imagenet100', class_names, splits, native_channels=3)
 
 
-def _list_imagefolder(root: str, class_names: tuple[str, ...]) -> dict[str, _RecordSplit]:
-    """The image files of each split under `root`, labelled by their folder's class index."""
-    missing = [os.path.join(folder, wnid) for folder in _IMAGEFOLDER_DIRS.values()
-               for wnid in class_names if not os.path.isdir(os.path.join(root, folder, wnid))]
+def _open_imagefolder(settings: _Settings, class_names: tuple[str, ...] | None = None,
+                      name: str = 'imagefolder', setup: str = _IMAGEFOLDER_SETUP) -> _Dataset:
+    """A `train/<class>/*`, `val/<class>/*` tree of JPEGs and PNGs, RGB or grayscale.
+
+    Classes are `class_names` (sorted), else the class list's, else train/'s folders;
+    val/ must hold the same. The dataset is grayscale when every header read is.
+    """
+    root = settings.data_dir
+    if not root or not all(os.path.isdir(os.path.join(root, folder))
+                           for folder in _IMAGEFOLDER_DIRS.values()):
+        raise DatasetNotFoundError(f'{name} data_dir {root!r} needs train/ and val/ folders. '
+                                   f'{setup}')
+    if class_names is None and settings.class_list:
+        class_names = _read_class_list(settings.class_list)
+    folders = {split: sorted(entry.name for entry in os.scandir(os.path.join(root, folder))
+                             if entry.is_dir() and not entry.name.startswith('.'))
+               for split, folder in _IMAGEFOLDER_DIRS.items()}
+    if class_names is None:
+        class_names = tuple(folders['train'])
+        extra = sorted(set(folders['test']) - set(class_names))
+        if extra:
+            raise DatasetNotFoundError(
+                f'{os.path.join(root, "val")} has class folders that train/ lacks: '
+                f'{" ".join(extra)}. Give both splits the same class folders (or set '
+                'config.data.class_list)')
+    missing = [os.path.join(folder, wnid) for split, folder in _IMAGEFOLDER_DIRS.items()
+               for wnid in class_names if wnid not in folders[split]]
     if missing:
         raise DatasetNotFoundError(
             f'{len(missing)} class folders are missing under {root}: {" ".join(missing)}. '
-            f'{_IMAGENET_SETUP}')
-    splits = {}
+            f'{setup}')
+    if not class_names:
+        raise DatasetNotFoundError(f'{os.path.join(root, "train")} has no class folders. {setup}')
+    splits, first_images = {}, []
     for split, folder in _IMAGEFOLDER_DIRS.items():
         paths, labels = [], []
         for label, wnid in enumerate(class_names):
@@ -466,13 +584,45 @@ def _list_imagefolder(root: str, class_names: tuple[str, ...]) -> dict[str, _Rec
                            if entry.is_file() and not entry.name.startswith('.')
                            and entry.name.lower().endswith(_IMAGE_SUFFIXES))
             if not names:
-                raise DatasetNotFoundError(f'no images in {class_dir}. {_IMAGENET_SETUP}')
+                raise DatasetNotFoundError(f'no JPEG or PNG images in {class_dir}. {setup}')
             paths += [os.path.join(class_dir, name) for name in names]
             labels += [label] * len(names)
-        logging.info('imagenet100 %s: found %s images in %d classes under %s', split,
+            first_images.append(paths[-len(names)])
+        logging.info('%s %s: found %s images in %d classes under %s', name, split,
                      f'{len(paths):,}', len(class_names), os.path.join(root, folder))
         splits[split] = _file_split(paths, np.asarray(labels, np.int32))
-    return splits
+    test_paths = [splits['test'].describe(i) for i in range(splits['test'].size)]
+    modes = _header_modes(sorted(set(test_paths + first_images)), settings.num_workers)
+    native_channels = 1 if modes <= set(_GRAYSCALE_MODES) else 3
+    return _folder_dataset(settings, name, class_names, splits, native_channels)
+
+
+def _folder_dataset(settings: _Settings, name: str, class_names: tuple[str, ...],
+                    splits: dict[str, _RecordSplit], native_channels: int) -> _Dataset:
+    shape = _output_shape(settings, _DEFAULT_IMAGE_SIZE, native_channels, name)
+    info = DatasetInfo(name, len(class_names), shape, splits['train'].size, splits['test'].size,
+                       class_names)
+    mean, std = ((_IMAGENET_MEAN, _IMAGENET_STD) if native_channels == 3
+                 else (_IMAGENET_GRAY_MEAN, _IMAGENET_GRAY_STD))
+    return _Dataset(info, splits.__getitem__, mean, std, native_channels=native_channels,
+                    variable_size=True, crop_padding=0)
+
+
+def _header_modes(paths: list[str], num_workers: int) -> set[str]:
+    """The PIL modes of `paths`, from their headers; a file that is not a readable JPEG or
+    PNG raises CorruptImageError naming it."""
+    def mode(path: str) -> str:
+        try:
+            with Image.open(path) as image:
+                if image.format not in ('JPEG', 'PNG'):
+                    raise ValueError(f'it is {image.format}, not JPEG or PNG')
+                return image.mode
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise CorruptImageError(f'cannot read image {path}: {e}. Replace or delete the '
+                                    'file and run again') from e
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+        return set(pool.map(mode, paths))
 
 
 def _file_split(paths: list[str], labels: np.ndarray) -> _RecordSplit:
@@ -579,7 +729,7 @@ def _tfds_labels(source, builder_dir: str, split: str, num_workers: int) -> np.n
         stop = min(start + 4096, len(source))
         return [int(record['label']) for record in source.__getitems__(list(range(start, stop)))]
 
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
         parts = pool.map(read_labels, range(0, len(source), 4096))
         labels = np.fromiter((label for part in parts for label in part), np.int32, len(source))
     try:
@@ -625,7 +775,58 @@ def _open_tfds(settings: _Settings) -> _Dataset:
                     crop_padding=0 if variable_size else max(1, shape[0] // 8))
 
 
-# Which examples go in which batch.
+# Images to batches.
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Which example each row of this process's stream holds (see the module docstring).
+
+    Row r is row r % batch_size of the process's batch at step r // batch_size. Picklable,
+    so grain's worker processes compute the same plan; each keeps the permutation of the
+    epoch it is in.
+    """
+    num_examples: int
+    batch_size: int
+    process_index: int
+    process_count: int
+    seed: int
+    train: bool
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch
+
+    @property
+    def eval_steps(self) -> int:
+        return -(-self.num_examples // self.global_batch)
+
+    def example(self, row: int) -> tuple[int, int, bool]:
+        """(example index in the split, position in the global stream, real or padding)."""
+        step, column = divmod(row, self.batch_size)
+        offset = self.process_index * self.batch_size + column
+        position = step * self.global_batch + offset
+        if not self.train:
+            real = position < self.num_examples
+            return (position if real else 0), position, real
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        return int(_permutation(self.seed, epoch, self.num_examples)[
+            step_in_epoch * self.global_batch + offset]), position, True
+
+    def batch(self, step: int) -> _Batch:
+        rows = step * self.batch_size + np.arange(self.batch_size)
+        indices, positions, real = zip(*map(self.example, rows))
+        return _Batch(np.asarray(indices), np.asarray(positions),
+                      None if self.train else np.asarray(real, np.float32))
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    return np.random.default_rng((seed, _SHUFFLE_STREAM, epoch)).permutation(num_examples)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Batch:
@@ -635,143 +836,180 @@ class _Batch:
     mask: np.ndarray | None  # float32 [B] on eval, None in training
 
 
-def _train_plan(num_examples: int, batch_size: int, process_index: int, process_count: int,
-                seed: int, start_step: int) -> Iterator[_Batch]:
-    global_batch = batch_size * process_count
-    steps_per_epoch = num_examples // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f'global batch {global_batch} is larger than the split ({num_examples})')
-    rows = np.arange(batch_size) + process_index * batch_size
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """What happens to a decoded image, and the random streams it draws from. Picklable."""
+    seed: int
+    size: int
+    channels: int  # of the output
+    native_channels: int
+    variable_size: bool
+    crop_padding: int  # fixed-size datasets' random crop; 0: none
+    augment: bool
+    rand_augment: bool
+    rand_augment_magnitude: float
+    rand_augment_std: float
+    fill: tuple[int, ...]  # RandAugment's fill: the dataset mean, per native channel
+    erasing: float
+    erasing_count: int
 
-    def batches() -> Iterator[_Batch]:
-        epoch, order = -1, None
-        step = start_step
-        while True:
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                rng = np.random.default_rng((seed, _SHUFFLE_STREAM, epoch))
-                order = rng.permutation(num_examples)
-            offset = (step % steps_per_epoch) * global_batch
-            yield _Batch(order[offset + rows], step * global_batch + rows, None)
-            step += 1
+    def rng(self, stream: int, position: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, stream, position))
 
-    return batches()
+    def finish(self, image: Image.Image | np.ndarray, position: int, real: bool) -> dict:
+        """RandAugment, erasing boxes and channel replication of one cropped image."""
+        if self.rand_augment:
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image[..., 0] if self.native_channels == 1 else image)
+            image = augment.rand_augment(
+                image, self.rng(_RAND_AUGMENT_STREAM, position),
+                magnitude=self.rand_augment_magnitude, magnitude_std=self.rand_augment_std,
+                fill=self.fill)
+        pixels = np.asarray(image, np.uint8).reshape(self.size, self.size, -1)
+        if not real:
+            pixels = np.zeros_like(pixels)
+        if pixels.shape[-1] != self.channels:
+            pixels = np.repeat(pixels, self.channels, axis=-1)
+        example = {'image': pixels}
+        if self.erasing:
+            example['erase'] = augment.erasing_boxes(
+                self.rng(_ERASING_STREAM, position), self.size, self.size,
+                probability=self.erasing, max_count=self.erasing_count)
+        return example
 
 
-def _eval_plan(num_examples: int, batch_size: int, process_index: int,
-               process_count: int) -> Iterator[_Batch]:
-    global_batch = batch_size * process_count
-    rows = np.arange(batch_size) + process_index * batch_size
-    for step in range(-(-num_examples // global_batch)):
-        positions = step * global_batch + rows
-        real = positions < num_examples
-        yield _Batch(np.where(real, positions, 0), positions, real.astype(np.float32))
+@dataclasses.dataclass(frozen=True)
+class _ArrayBatches:
+    """Batch `step` of an in-memory split, augmented batch-wise (grain map function)."""
+    split: _ArraySplit
+    plan: _Plan
+    transform: _Transform
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        batch = self.plan.batch(step)
+        pixels = self.split.images[batch.indices]
+        transform = self.transform
+        if transform.augment and transform.crop_padding:
+            pixels = _pad_crop_flip(pixels, _hash_bits(transform.seed, batch.positions),
+                                    transform.crop_padding)
+        real = np.ones(len(pixels), bool) if batch.mask is None else batch.mask > 0
+        if transform.rand_augment or transform.erasing:
+            examples = [transform.finish(image, int(position), bool(keep))
+                        for image, position, keep in zip(pixels, batch.positions, real)]
+            out = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+        else:
+            if pixels.shape[-1] != transform.channels:
+                pixels = np.repeat(pixels, transform.channels, axis=-1)
+            out = {'image': np.where(real[:, None, None, None], pixels, 0).astype(np.uint8)}
+        out['label'] = np.where(real, self.split.labels[batch.indices], 0).astype(np.int32)
+        if batch.mask is not None:
+            out['mask'] = batch.mask
+        return out
 
 
-# Images to batches.
+@dataclasses.dataclass(frozen=True)
+class _RecordExamples:
+    """Row `row` of a split of encoded images, decoded and augmented (grain map function)."""
+    split: _RecordSplit
+    plan: _Plan
+    transform: _Transform
 
-class _Pipeline:
-    """Turns planned batches into normalised, augmented arrays."""
+    def __call__(self, row: int) -> dict[str, np.ndarray]:
+        index, position, real = self.plan.example(row)
+        transform = self.transform
+        if real:
+            data, label = self.split.read(index)
+            image = self.decode(data, index, position)
+        else:
+            label = 0
+            image = np.zeros((transform.size, transform.size, transform.native_channels),
+                             np.uint8)
+        example = transform.finish(image, position, real)
+        example['label'] = np.int32(label)
+        if not self.plan.train:
+            example['mask'] = np.float32(real)
+        return example
 
-    def __init__(self, dataset: _Dataset, seed: int, *, augment: bool, image_size: int,
-                 channels: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.augment = augment
-        self.image_size = image_size
-        self.channels = channels
-        self.scale = (1 / (255 * np.asarray(dataset.std))).astype(np.float32)
-        self.offset = (np.asarray(dataset.mean) / np.asarray(dataset.std)).astype(np.float32)
-
-    def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        return pixels.astype(np.float32) * self.scale - self.offset
-
-    def crop_and_flip(self, images: np.ndarray, batch: _Batch) -> np.ndarray:
-        """The augmentation of fixed-size images, done on whole batches."""
-        if not (self.augment and self.dataset.crop_padding):
-            return images
-        return _pad_crop_flip(images, _hash_bits(self.seed, batch.positions),
-                              self.dataset.crop_padding)
-
-    def finish(self, images: np.ndarray, labels: np.ndarray,
-               batch: _Batch) -> dict[str, np.ndarray]:
-        """Replicates gray channels if asked and zeroes padding rows."""
-        if images.shape[-1] != self.channels:
-            images = np.repeat(images, self.channels, axis=-1)
-        if batch.mask is None:
-            return {'image': images, 'label': labels}
-        padding = batch.mask == 0
-        images[padding] = 0
-        labels[padding] = 0
-        return {'image': images, 'label': labels, 'mask': batch.mask}
-
-    def array_batch(self, examples: _ArraySplit, batch: _Batch) -> dict[str, np.ndarray]:
-        pixels = self.crop_and_flip(examples.images[batch.indices], batch)
-        return self.finish(self.normalise(pixels), examples.labels[batch.indices], batch)
-
-    def record_batches(self, examples: _RecordSplit, plan: Iterator[_Batch],
-                       num_workers: int) -> Iterator[dict[str, np.ndarray]]:
-        """Decodes on `num_workers` threads, `_PREFETCH_BATCHES` batches ahead."""
-        pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix='qhnet-data')
-        size, native_channels = self.image_size, self.dataset.native_channels
-
-        def start(batch: _Batch) -> Callable[[], dict[str, np.ndarray]]:
-            images = np.zeros((len(batch.indices), size, size, native_channels), np.float32)
-            labels = np.zeros(len(batch.indices), np.int32)
-
-            def fill(row: int) -> None:
-                images[row], labels[row] = self.load_example(examples, int(batch.indices[row]),
-                                                             int(batch.positions[row]))
-
-            rows = range(len(batch.indices)) if batch.mask is None else np.flatnonzero(batch.mask)
-            futures = [pool.submit(fill, row) for row in rows]
-
-            def result() -> dict[str, np.ndarray]:
-                for future in futures:
-                    future.result()
-                return self.finish(self.crop_and_flip(images, batch), labels, batch)
-
-            return result
-
-        def batches() -> Iterator[dict[str, np.ndarray]]:
-            pending = collections.deque()
-            try:
-                for batch in plan:
-                    pending.append(start(batch))
-                    if len(pending) > _PREFETCH_BATCHES:
-                        yield pending.popleft()()
-                while pending:
-                    yield pending.popleft()()
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-        return batches()
-
-    def load_example(self, examples: _RecordSplit, index: int,
-                     position: int) -> tuple[np.ndarray, int]:
-        """One decoded, cropped and normalised image [S, S, native channels] and its label."""
-        data, label = examples.read(index)
-        size = self.image_size
+    def decode(self, data: bytes, index: int, position: int) -> Image.Image | np.ndarray:
+        """Decoded, cropped, resized and flipped; JPEGs decoded at reduced size when the
+        crop allows it (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, via PIL's `draft`)."""
+        transform = self.transform
+        size, mode = transform.size, 'RGB' if transform.native_channels == 3 else 'L'
+        flip = False
         try:
             with Image.open(io.BytesIO(data)) as encoded:
-                image = encoded.convert('RGB' if self.dataset.native_channels == 3 else 'L')
+                width, height = encoded.size
+                if not transform.variable_size or (width, height) == (size, size):
+                    box = None
+                elif transform.augment:
+                    rng = transform.rng(_AUGMENT_STREAM, position)
+                    box = _random_resized_crop_box(rng, width, height)
+                    flip = rng.random() < 0.5
+                else:
+                    box = _central_crop_box(width, height, size)
+                if box is not None and encoded.format == 'JPEG':
+                    crop_width, crop_height = box[2] - box[0], box[3] - box[1]
+                    encoded.draft(mode, (math.ceil(width * size / crop_width),
+                                         math.ceil(height * size / crop_height)))
+                    scale_x, scale_y = encoded.size[0] / width, encoded.size[1] / height
+                    box = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x,
+                           box[3] * scale_y)
+                image = _to_mode(encoded, mode)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise CorruptImageError(f'cannot decode image {examples.describe(index)}: {e}') from e
-        flip = False
-        if not self.dataset.variable_size:
-            box = None
-        elif self.augment:
-            rng = np.random.default_rng((self.seed, _AUGMENT_STREAM, position))
-            box = _random_resized_crop_box(rng, *image.size)
-            flip = rng.random() < 0.5
-        else:
-            box = _central_crop_box(*image.size, size)
+            raise CorruptImageError(f'cannot decode image {self.split.describe(index)}: {e}. '
+                                    'Replace or delete the file and run again') from e
         if box is not None or image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR, box=box)
-        pixels = np.asarray(image)
         if flip:
-            pixels = pixels[:, ::-1]
-        return self.normalise(pixels.reshape(size, size, -1)), label
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        if transform.augment and transform.crop_padding:
+            pixels = np.asarray(image).reshape(size, size, -1)
+            bits = _hash_bits(transform.seed, np.asarray([position]))
+            return _pad_crop_flip(pixels[None], bits, transform.crop_padding)[0]
+        return image
+
+
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image`, decoded, in 8-bit `mode` ('RGB' or 'L'); 16-bit grayscale is scaled, not
+    clipped."""
+    image.load()
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def _batches(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates over `dataset` (batches), `_PREFETCH_BATCHES` ahead, decoded by `num_workers`
+    grain worker processes (0: threads of this process); closes the workers when done."""
+    _mark_flags_parsed()
+    stream = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=1 if num_workers else _THREADS_WITHOUT_WORKERS,
+        prefetch_buffer_size=_PREFETCH_BATCHES))
+    if num_workers:
+        # Batches travel by pickle rather than shared memory, which grain leaks on close.
+        stream = grain.experimental.WithOptionsIterDataset(
+            stream, grain.experimental.DatasetOptions(min_shm_size=2**62))
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=_PREFETCH_BATCHES))
+    iterator = iter(stream)
+    try:
+        yield from iterator
+    finally:
+        iterator.close()
+
+
+def _mark_flags_parsed() -> None:
+    """grain reads absl flags; a library caller (a notebook, a test) may not have parsed them."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _random_resized_crop_box(rng: np.random.Generator, width: int,

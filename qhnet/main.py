@@ -47,6 +47,7 @@ class _OrbaxInfoFilter(std_logging.Filter):
 
 # Errors that explain themselves: shown as one line, without a traceback.
 _USER_ERRORS = (train.ConfigError, data.DatasetNotFoundError, data.CorruptDatasetError,
+                data.CorruptImageError,
                 train.IncompatibleWorkdirError,
                 train.WorkdirError, train.TrainingDivergedError, checkpoints.CheckpointWriteError,
                 checkpoints.CheckpointRestoreError)

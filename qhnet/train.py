@@ -41,7 +41,7 @@ import numpy as np
 import optax
 import tqdm
 
-from qhnet import checkpoints, data, metrics, models
+from qhnet import augment, checkpoints, data, metrics, models
 from qhnet import config as qhnet_config
 
 # Config fields that fix what the parameters mean and how they were reached (the model,
@@ -49,7 +49,8 @@ from qhnet import config as qhnet_config
 # in any of them belongs to another experiment, and resuming it would mix two runs. Model
 # fields that change only how the function is computed are not among them.
 IDENTITY_FIELDS = ('model', 'data.name', 'data.image_size', 'data.channels', 'data.class_list',
-                   'data.augment', 'seed', 'batch_size', 'num_epochs', 'num_train_steps',
+                   'data.augment', 'data.rand_augment', 'data.rand_augment_magnitude',
+                   'data.rand_augment_std', 'data.erasing', 'data.erasing_count', 'seed', 'batch_size', 'num_epochs', 'num_train_steps',
                    'optimizer', 'label_smoothing')
 COMPUTE_ONLY_MODEL_FIELDS = ('dtype', 'remat', 'derivative_impl')
 SUMMARY_FILE = 'summary.json'
@@ -110,12 +111,12 @@ def _check_number(config: ml_collections.ConfigDict, path: str, *, low: float,
               f'got {value!r}')
 
 
-def validate_config(config: ml_collections.ConfigDict) -> data.DatasetInfo:
+def validate_config(config: ml_collections.ConfigDict) -> data.Dataset:
     """Checks every key and value of `config` and that its dataset is present.
 
     Raises ConfigError (a ValueError) naming the bad field and the valid choices,
-    data.DatasetNotFoundError with setup instructions, or data.CorruptDatasetError naming a
-    damaged file. Returns the dataset's info.
+    data.DatasetNotFoundError with setup instructions, or data.CorruptDatasetError /
+    data.CorruptImageError naming a damaged file. Returns the opened dataset.
     """
     try:
         qhnet_config.check_keys(config)
@@ -144,14 +145,18 @@ def validate_config(config: ml_collections.ConfigDict) -> data.DatasetInfo:
             _fail(f'config.{path}={config[path]} must be a multiple of the {devices} devices '
                   f'(one equal shard each)')
     try:
-        info = data.get_info(config.data)
-    except data.CorruptDatasetError:
+        dataset = data.open_dataset(config.data)
+    except (data.CorruptDatasetError, data.CorruptImageError):
         raise
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    info = dataset.info
     if config.model.num_classes != info.num_classes:
+        where = (f' ({info.num_classes} class folders under {config.data.data_dir}/train)'
+                 if config.data.name == 'imagefolder' else '')
         _fail(f'config.model.num_classes={config.model.num_classes} but {info.name} has '
-              f'{info.num_classes} classes; set --config.model.num_classes={info.num_classes}')
+              f'{info.num_classes} classes{where}; set '
+              f'--config.model.num_classes={info.num_classes}')
     per_epoch = steps_per_epoch(config, info.num_train)
     if per_epoch < 1:
         _fail(f'config.batch_size={config.batch_size} exceeds the {info.num_train} training '
@@ -159,7 +164,7 @@ def validate_config(config: ml_collections.ConfigDict) -> data.DatasetInfo:
     if warmup_steps(config, per_epoch) >= total_train_steps(config, per_epoch):
         _fail(f'config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} leaves no steps '
               'for the cosine decay')
-    return info
+    return dataset
 
 
 # The recipe: schedule, optimizer, loss.
@@ -227,10 +232,26 @@ def create_train_state(model: flax.linen.Module, optimizer: optax.GradientTransf
 
 # The jitted steps.
 
+def model_inputs(info: data.DatasetInfo) -> Callable[[dict[str, jax.Array], jax.Array],
+                                                     jax.Array]:
+    """(batch, key) -> the float32 images a model reads: the batch's uint8 images
+    normalised, and noise from `key` in its random-erasing boxes, if it has any."""
+    def inputs(batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+        images = data.normalise(batch['image'], info)
+        if 'erase' in batch:
+            images = augment.erase(images, batch['erase'], key)
+        return images
+    return inputs
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: flax.linen.Module, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, label_smoothing: float) -> tuple[TrainState, dict]:
-    """One SGD update on a global batch. Returns (new state, metrics).
+               schedule: optax.Schedule, label_smoothing: float,
+               inputs: Callable[[dict[str, jax.Array], jax.Array], jax.Array]
+               ) -> tuple[TrainState, dict]:
+    """One SGD update on a global batch (`inputs` makes its images). Returns (new state,
+    metrics). Dropout and erasing draw from `rng` folded with the step: the same numbers
+    for any number of devices or processes.
 
     Under jit with the batch sharded over the mesh's 'data' axis, batch norm's mean
     and variance are plain reductions over the global batch, so XLA computes them
@@ -239,10 +260,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     If the loss or the gradient is not finite, no update is applied (the returned
     state is `state`) and metrics['finite'] is False.
     """
+    step_rng = jax.random.fold_in(rng, state.step)
+    images = inputs(batch, jax.random.fold_in(step_rng, 1))
+
     def loss_fn(params):
         logits, updated = model.apply(
-            {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-            mutable=['batch_stats'], rngs={'dropout': jax.random.fold_in(rng, state.step)})
+            {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+            mutable=['batch_stats'], rngs={'dropout': step_rng})
         loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
         return loss, (logits, updated['batch_stats'])
 
@@ -265,9 +289,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
 
 def eval_step(variables: Any, batch: dict[str, jax.Array], *,
-              logits_fn: Callable[[Any, jax.Array], jax.Array]) -> dict[str, jax.Array]:
+              logits_fn: Callable[[Any, jax.Array], jax.Array],
+              info: data.DatasetInfo) -> dict[str, jax.Array]:
     """Sums over the real (mask == 1) examples of a batch: loss, top-1/top-5 hits, count."""
-    logits = logits_fn(variables, batch['image'])
+    logits = logits_fn(variables, data.normalise(batch['image'], info))
     labels, mask = batch['label'], batch['mask']
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     return {
@@ -309,9 +334,10 @@ def jit_train_step(mesh: Mesh, **step_args) -> Callable:
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def jit_eval_step(mesh: Mesh, logits_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+def jit_eval_step(mesh: Mesh, logits_fn: Callable[[Any, jax.Array], jax.Array],
+                  info: data.DatasetInfo) -> Callable:
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(functools.partial(eval_step, logits_fn=logits_fn),
+    return jax.jit(functools.partial(eval_step, logits_fn=logits_fn, info=info),
                    in_shardings=(replicated, NamedSharding(mesh, PartitionSpec('data'))),
                    out_shardings=replicated)
 
@@ -377,9 +403,9 @@ class DeviceBatches:
 
 
 def _evaluate(eval_fn: Callable, variables: dict[str, Any], config: ml_collections.ConfigDict,
-              mesh: Mesh, split: str) -> dict[str, float]:
-    host_batches = data.make_iterator(
-        config.data, split, batch_size=config.eval_batch_size // jax.process_count(),
+              dataset: data.Dataset, mesh: Mesh, split: str) -> dict[str, float]:
+    host_batches = dataset.batches(
+        split, batch_size=config.eval_batch_size // jax.process_count(),
         seed=config.seed, train=False, process_index=jax.process_index(),
         process_count=jax.process_count())
     totals = None
@@ -393,14 +419,18 @@ def _evaluate(eval_fn: Callable, variables: dict[str, Any], config: ml_collectio
 
 
 def evaluate(config: ml_collections.ConfigDict, variables: Any, split: str = 'test',
-             logits_fn: Callable[[Any, jax.Array], jax.Array] | None = None) -> dict[str, float]:
+             logits_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
+             dataset: data.Dataset | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy (fractions) and mean cross-entropy on a whole split of
-    `config.data`, sharded over all devices: of `variables` (a model of `config.model`), or
-    of whatever `logits_fn(variables, images)` computes (e.g. an inference form's logits)."""
+    `config.data` (or of `dataset`, opened already), sharded over all devices: of `variables`
+    (a model of `config.model`), or of whatever `logits_fn(variables, images)` computes (e.g.
+    an inference form's logits; images normalised)."""
     mesh = make_mesh()
+    dataset = dataset or data.open_dataset(config.data)
     variables = replicate(variables, NamedSharding(mesh, PartitionSpec()))
     logits_fn = logits_fn or eval_logits(models.build(config.model))
-    return _evaluate(jit_eval_step(mesh, logits_fn), variables, config, mesh, split)
+    return _evaluate(jit_eval_step(mesh, logits_fn, dataset.info), variables, config, dataset,
+                     mesh, split)
 
 
 class Restored(NamedTuple):
@@ -506,10 +536,11 @@ class _NonFiniteStep(Exception):
 class _TrainingRun:
     """The state of one `train_and_evaluate` call: compiled steps, checkpoints, writers."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, info: data.DatasetInfo):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, dataset: data.Dataset):
         self.config = config
         self.workdir = workdir
-        self.info = info
+        self.dataset = dataset
+        self.info = info = dataset.info
         self.model = models.build(config.model)
         self.mesh = make_mesh()
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -520,8 +551,8 @@ class _TrainingRun:
         self.optimizer = make_optimizer(config, self.schedule)
         self.train_step = jit_train_step(
             self.mesh, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
-            label_smoothing=config.label_smoothing)
-        self.eval_step = jit_eval_step(self.mesh, eval_logits(self.model))
+            label_smoothing=config.label_smoothing, inputs=model_inputs(info))
+        self.eval_step = jit_eval_step(self.mesh, eval_logits(self.model), info)
         init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
         self.init_rng = init_rng
         self.dropout_rng = replicate(dropout_rng, self.replicated)
@@ -592,15 +623,15 @@ class _TrainingRun:
 
     def _train_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
         """This process's batches for the updates start_step + 1, start_step + 2, ..."""
-        batches = data.make_iterator(
-            self.config.data, 'train', batch_size=self.config.batch_size // jax.process_count(),
+        batches = self.dataset.batches(
+            'train', batch_size=self.config.batch_size // jax.process_count(),
             seed=self.config.seed, train=True, start_step=start_step,
             process_index=jax.process_index(), process_count=jax.process_count())
         for step, batch in enumerate(batches, start=start_step + 1):
             if step == self.config.debug.inject_nan_at_step and self.nan_injections_left > 0:
                 self.nan_injections_left -= 1
                 logging.warning('debug.inject_nan_at_step: the batch of step %d is all NaN', step)
-                batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+                batch = dict(batch, image=np.full(batch['image'].shape, np.nan, np.float32))
             yield batch
 
     # The loop.
@@ -714,8 +745,8 @@ class _TrainingRun:
                      values['images_per_second'])
 
     def log_eval(self, step: int, state: TrainState) -> None:
-        self.last_eval = _evaluate(self.eval_step, state.variables(), self.config, self.mesh,
-                                   'test')
+        self.last_eval = _evaluate(self.eval_step, state.variables(), self.config, self.dataset,
+                                   self.mesh, 'test')
         self.writer.scalars(step, 'test', {**self.last_eval, 'epoch': step / self.steps_per_epoch})
         logging.info('step %d (epoch %.2f): test top-1 %.2f%%, top-5 %.2f%%, loss %.4f', step,
                      step / self.steps_per_epoch, 100 * self.last_eval['top1'],
@@ -734,14 +765,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is compiled or written.
     """
     start = time.time()
-    info = validate_config(config)
+    dataset = validate_config(config)
+    info = dataset.info
     check_workdir(workdir, config)
     prepare_workdir(workdir)
     logging.info('Training %s on %s (%s train / %s test images of shape %s) in %s; %d devices '
                  '(%d processes), global batch %d.', config.model.name, info.name,
                  f'{info.num_train:,}', f'{info.num_test:,}', info.image_shape, workdir,
                  jax.device_count(), jax.process_count(), config.batch_size)
-    run = _TrainingRun(config, workdir, info)
+    run = _TrainingRun(config, workdir, dataset)
     try:
         logging.info('%d steps (%d per epoch), peak learning rate %.4g after %d warmup steps.',
                      run.total_steps, run.steps_per_epoch, peak_learning_rate(config),

@@ -1,10 +1,16 @@
 """Shared fixtures: small batches of real images."""
 
+import gzip
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.datasets import load_digits
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
 @pytest.fixture(scope='session')
@@ -19,3 +25,35 @@ def resize_images(images: np.ndarray, size: int, channels: int) -> jax.Array:
     """Bilinear resize of NHWC images to size x size, gray replicated to `channels`."""
     resized = jax.image.resize(jnp.asarray(images), (images.shape[0], size, size, images.shape[-1]), 'bilinear')
     return jnp.repeat(resized, channels, axis=-1) if images.shape[-1] == 1 else resized
+
+
+def _gunzip(name: str) -> bytes:
+    with gzip.open(os.path.join(FASHION_MNIST_DIR, name)) as f:
+        return f.read()
+
+
+def fashion_mnist_images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` real Fashion-MNIST test images (uint8 28x28) and labels."""
+    with gzip.open(os.path.join(FASHION_MNIST_DIR, 't10k-images-idx3-ubyte.gz')) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:count]
+    return images, np.frombuffer(_gunzip('t10k-labels-idx1-ubyte.gz'), np.uint8, offset=8)[:count]
+
+
+def grayscale_imagefolder(root, per_class: int = 4, sixteen_bit: bool = False):
+    """train/ and val/ of real Fashion-MNIST PNGs, one folder per class name (10 classes)."""
+    images, labels = fashion_mnist_images(400)
+    written = {split: [] for split in ('train', 'val')}
+    for c in range(10):
+        members = np.flatnonzero(labels == c)
+        for split, picks in (('train', members[:per_class]), ('val', members[per_class:][:2])):
+            folder = root / split / f'class_{c}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in picks:
+                path = folder / f'{i:04d}.png'  # listed in the order written
+                image = images[i]
+                if sixteen_bit:  # 0..255 spread over 0..65535: 257 * x
+                    Image.fromarray(image.astype(np.uint16) * 257).save(path)
+                else:
+                    Image.fromarray(image).save(path)
+                written[split].append((path, image))
+    return root, written

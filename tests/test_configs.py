@@ -55,7 +55,7 @@ def test_row_has_the_paper_recipe(row):
 @pytest.mark.parametrize('row', ROWS)
 def test_offline_variants_validate(row, variant):
     config = row_config(row, variant)
-    info = train.validate_config(config)
+    info = train.validate_config(config).info
     assert info.name == variant and config.model.num_classes == info.num_classes
     # The row's block stays what the row says; only the dataset and the size change.
     imagenet = row_config(row)

@@ -12,16 +12,18 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from qhnet import config as qhnet_config
 from qhnet import data
+from tests.conftest import grayscale_imagefolder
 
 # Three classes of the packaged ImageNet-100 list, deliberately not in sorted order.
 WNIDS = ('n03947888', 'n01558993', 'n02086240')
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(dict(
-        name='fashion_mnist', data_dir=None, format='auto', image_size=None, channels=None,
-        augment=False, num_workers=2, class_list=None))
+    config = qhnet_config.data_config()
+    config.update(dict(name='fashion_mnist', image_size=None, augment=False, rand_augment=False,
+                       erasing=0.0, num_workers=0))
     config.update(overrides)
     return config
 
@@ -58,9 +60,11 @@ def test_fashion_mnist_batch(augment):
     batch = next(data.make_iterator(data_config(augment=augment), 'train', batch_size=512,
                                     seed=0, train=True))
     assert batch.keys() == {'image', 'label'}
-    assert batch['image'].shape == (512, 28, 28, 1) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (512, 28, 28, 1) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (512,) and batch['label'].dtype == np.int32
-    assert abs(batch['image'].mean()) < 0.1 and 0.85 < batch['image'].std() < 1.15
+    images = data.normalise(batch['image'], data.get_info(data_config()))
+    assert images.dtype == np.float32
+    assert abs(images.mean()) < 0.1 and 0.85 < images.std() < 1.15
     assert batch['label'].min() >= 0 and batch['label'].max() < 10
     assert len(np.unique(batch['label'])) == 10
 
@@ -193,7 +197,7 @@ def test_imagefolder_end_to_end(imagefolder):
     np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
     assert [b['mask'].sum() for b in batches] == [4, 2]
     assert batches[0]['image'].shape == (4, 32, 32, 3)
-    assert batches[0]['image'].dtype == np.float32
+    assert batches[0]['image'].dtype == np.uint8
 
     train = take(data.make_iterator(config, 'train', batch_size=4, seed=1, train=True), 6)
     assert train[0]['image'].shape == (4, 32, 32, 3)
@@ -204,18 +208,35 @@ def test_imagefolder_end_to_end(imagefolder):
     assert_same_batches(train[2:], resumed)
 
 
-def test_imagefolder_corrupt_jpeg_names_the_file(tmp_path, imagefolder):
-    source, class_list = imagefolder
-    root = tmp_path / 'corrupt'
+def copy_imagefolder(source, root):
     for folder in ('train', 'val'):
         for wnid in WNIDS:
             shutil.copytree(source / folder / wnid, root / folder / wnid)
+    return root
+
+
+def test_corrupt_val_image_is_found_when_opened(tmp_path, imagefolder):
+    source, class_list = imagefolder
+    root = copy_imagefolder(source, tmp_path / 'corrupt')
     corrupt = root / 'val' / WNIDS[1] / f'{WNIDS[1]}_1.JPEG'
     corrupt.write_bytes(b'\xff\xd8\xff\xe0 this is not a JPEG' * 20)
     config = data_config(name='imagenet100', data_dir=str(root), class_list=str(class_list),
                          image_size=32)
+    with pytest.raises(data.CorruptImageError, match=f'{corrupt}.*Replace or delete the file'):
+        data.open_dataset(config)
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_corrupt_train_image_names_the_file_when_read(tmp_path, imagefolder, num_workers):
+    source, class_list = imagefolder
+    root = copy_imagefolder(source, tmp_path / 'corrupt')
+    corrupt = root / 'train' / WNIDS[0] / f'{WNIDS[0]}_3.JPEG'
+    corrupt.write_bytes(corrupt.read_bytes()[:300])  # a good header, the data cut short
+    config = data_config(name='imagenet100', data_dir=str(root), class_list=str(class_list),
+                         image_size=32, num_workers=num_workers)
+    dataset = data.open_dataset(config)  # only the first image of a train class is checked
     with pytest.raises(data.CorruptImageError, match=str(corrupt)):
-        list(data.make_iterator(config, 'test', batch_size=4, seed=0, train=False))
+        take(dataset.batches('train', batch_size=4, seed=0, train=True), 3)
 
 
 def test_missing_data_raises_quickly_with_instructions(tmp_path):
@@ -343,7 +364,7 @@ def test_fashion_mnist_files_are_read_once_while_unchanged(fashion_copy, monkeyp
 
 
 @pytest.mark.parametrize('field, value, choices', [
-    ('name', 'fashon_mnist', ['fashion_mnist', 'digits', 'imagenet100']),
+    ('name', 'fashon_mnist', ['fashion_mnist', 'digits', 'imagefolder', 'imagenet100']),
     ('format', 'zip', ['auto', 'imagefolder', 'tfds']),
     ('channels', 2, ['None', '1', '3']),
 ])
@@ -446,4 +467,80 @@ def test_tfds_dataset_by_name(tmp_path):
     np.testing.assert_array_equal(np.sort(labels), np.arange(10))
     # Each test image is uniformly 20 * label.
     expected = (20 * labels / 255 - data._IMAGENET_GRAY_MEAN[0]) / data._IMAGENET_GRAY_STD[0]
-    np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), expected, atol=0.05)
+    normalised = data.normalise(images, info)
+    np.testing.assert_allclose(normalised.mean(axis=(1, 2, 3)), expected, atol=0.05)
+
+
+@pytest.mark.parametrize('sixteen_bit', [False, True])
+def test_grayscale_imagefolder_of_pngs(tmp_path, sixteen_bit):
+    root, written = grayscale_imagefolder(tmp_path / 'gray', sixteen_bit=sixteen_bit)
+    if sixteen_bit:
+        with Image.open(written['val'][0][0]) as image:
+            assert image.mode.startswith('I')  # really 16-bit
+    config = data_config(name='imagefolder', data_dir=str(root), image_size=28)
+    dataset = data.open_dataset(config)
+    info = dataset.info
+    assert info.class_names == tuple(f'class_{c}' for c in range(10))
+    assert (info.num_classes, info.num_train, info.num_test) == (10, 40, 20)
+    assert info.image_shape == (28, 28, 1) and info.mean == data._IMAGENET_GRAY_MEAN
+    batch = next(dataset.batches('test', batch_size=20, seed=0, train=False))
+    # An image already 28x28 is used as it is: the pixels come back exactly (16-bit: scaled).
+    np.testing.assert_array_equal(batch['image'][..., 0],
+                                  np.stack([image for _, image in written['val']]))
+    np.testing.assert_array_equal(batch['label'], np.repeat(np.arange(10), 2))
+
+
+def test_imagefolder_class_folder_mismatch_names_the_folders(tmp_path):
+    root, _ = grayscale_imagefolder(tmp_path / 'gray', per_class=1)
+    (root / 'val' / 'class_3').rename(root / 'val' / 'coat')
+    with pytest.raises(data.DatasetNotFoundError) as error:
+        data.open_dataset(data_config(name='imagefolder', data_dir=str(root)))
+    assert 'coat' in str(error.value) and 'train/ lacks' in str(error.value)
+    (root / 'val' / 'coat').rename(root / 'val' / 'class_3')
+    shutil.rmtree(root / 'val' / 'class_7')
+    with pytest.raises(data.DatasetNotFoundError, match=r'1 class folders are missing.*val/class_7'):
+        data.open_dataset(data_config(name='imagefolder', data_dir=str(root)))
+
+
+def test_imagefolder_rgb_and_reduced_size_jpeg_decoding(imagefolder):
+    root, _ = imagefolder
+    config = data_config(name='imagefolder', data_dir=str(root), image_size=16)
+    dataset = data.open_dataset(config)
+    assert dataset.info.num_classes == 4 and dataset.info.image_shape == (16, 16, 3)
+    batch = next(dataset.batches('test', batch_size=8, seed=0, train=False))
+    # Against a full-size decode, cropped and resized the same way.
+    paths = [dataset._split('test').describe(i) for i in range(8)]
+    for path, pixels in zip(paths, batch['image']):
+        with Image.open(path) as image:
+            full = image.convert('RGB')
+        box = data._central_crop_box(*full.size, 16)
+        reference = np.asarray(full.resize((16, 16), Image.BILINEAR, box=box), np.float32)
+        assert np.abs(reference - pixels).mean() < 12
+
+
+def test_stream_does_not_depend_on_the_number_of_workers(imagefolder):
+    root, class_list = imagefolder
+    config = dict(name='imagenet100', data_dir=str(root), class_list=str(class_list),
+                  image_size=24, augment=True, rand_augment=True, erasing=0.4)
+    streams = [take(data.open_dataset(data_config(num_workers=workers, **config)).batches(
+        'train', batch_size=4, seed=3, train=True, start_step=start), 4 - start)
+        for workers, start in ((0, 0), (2, 0), (2, 1))]
+    assert_same_batches(streams[0], streams[1])
+    assert_same_batches(streams[0][1:], streams[2])
+    assert streams[0][0]['erase'].shape == (4, 3, 4)
+
+
+def test_rand_augment_and_erasing_are_switches_of_the_training_split(digits):
+    plain, augmented = (next(data.make_iterator(
+        data_config(name='digits', image_size=16, rand_augment=switch, erasing=0.4 * switch),
+        'train', batch_size=256, seed=0, train=True)) for switch in (False, True))
+    assert 'erase' not in plain and augmented['erase'].shape == (256, 3, 4)
+    np.testing.assert_array_equal(plain['label'], augmented['label'])
+    changed = np.any(plain['image'] != augmented['image'], axis=(1, 2, 3)).mean()
+    assert 0.5 < changed < 1  # each of 2 ops applied with probability 0.5; some are no-ops
+    erased = np.any(augmented['erase'][..., 2:] > 0, axis=(1, 2)).mean()
+    assert 0.25 < erased < 0.55
+    evaluation = next(data.make_iterator(
+        data_config(name='digits', image_size=16, rand_augment=True, erasing=0.4), 'test',
+        batch_size=64, seed=0, train=False))
+    assert 'erase' not in evaluation

@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 
 from qhnet import train
+from tests.conftest import grayscale_imagefolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = '--config=configs/eq3_softball.py:digits'
 
 
-def run_main(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+def run_main(*args: str, cwd: str = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', 'qhnet.main', *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=300, check=False)
+                          capture_output=True, timeout=300, check=False,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -83,7 +85,7 @@ def test_workdir_without_a_readable_checkpoint(tmp_path):
 
 def test_two_processes_train_like_one(tmp_path):
     """--multihost with two processes on this machine (one CPU device each, gloo collectives):
-    both finish, and the parameters match a one-process run of the same config."""
+    both finish, and the parameters match a one-process run on two devices."""
     with socket.socket() as probe:
         probe.bind(('localhost', 0))
         port = probe.getsockname()[1]
@@ -97,11 +99,43 @@ def test_two_processes_train_like_one(tmp_path):
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-3000:]
         assert 'JAX process' in stderr and '2 global cpu devices' in stderr
-    single = run_main(*args, f'--workdir={tmp_path / "one"}')
+    single = run_main(*args, f'--workdir={tmp_path / "one"}',
+                      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
     assert single.returncode == 0, single.stderr[-3000:]
     summaries = [json.loads((tmp_path / name / 'summary.json').read_text()) for name in ('two', 'one')]
-    assert summaries[0]['devices'] == 2 and summaries[1]['devices'] == 1
+    assert summaries[0]['devices'] == summaries[1]['devices'] == 2
     assert summaries[0]['test_top1'] == summaries[1]['test_top1']
     two, one = (train.restore_variables(str(tmp_path / name)).variables for name in ('two', 'one'))
     for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_grayscale_imagefolder_trains_and_evaluates(tmp_path):
+    """The fashion_mnist variant of the main model, on a folder of real grayscale PNGs."""
+    root, _ = grayscale_imagefolder(tmp_path / 'pngs', per_class=7)
+    workdir = tmp_path / 'workdir'
+    result = run_main('--config=configs/eq3_softball.py:fashion_mnist',
+                      '--config.data.name=imagefolder', f'--config.data.data_dir={root}',
+                      f'--workdir={workdir}', '--config.num_epochs=2',
+                      '--config.progress_bar=False')
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / train.SUMMARY_FILE).read_text())
+    assert summary['dataset'] == 'imagefolder' and summary['steps'] == 2
+    assert 0 <= summary['test_top1'] <= 1 and np.isfinite(summary['test_loss'])
+    wrong = run_main('--config=configs/eq3_softball.py:fashion_mnist',
+                     '--config.data.name=imagefolder', f'--config.data.data_dir={root}',
+                     f'--workdir={tmp_path / "other"}', '--config.model.num_classes=12')
+    assert_one_line_error(wrong, 'config.model.num_classes=12', '10 class folders under',
+                          '--config.model.num_classes=10')
+
+
+def test_corrupt_training_image_is_one_line_naming_it(tmp_path):
+    """Found by a grain worker process mid-training: the run stops with the file's name."""
+    root, written = grayscale_imagefolder(tmp_path / 'pngs', per_class=7)
+    corrupt = written['train'][-1][0]
+    corrupt.write_bytes(corrupt.read_bytes()[:60])  # the header survives, the pixels do not
+    result = run_main('--config=configs/eq3_softball.py:fashion_mnist',
+                      '--config.data.name=imagefolder', f'--config.data.data_dir={root}',
+                      f'--workdir={tmp_path / "workdir"}', '--config.data.num_workers=2',
+                      '--config.progress_bar=False')
+    assert_one_line_error(result, f'cannot decode image {corrupt}', 'Replace or delete the file')

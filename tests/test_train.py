@@ -105,7 +105,8 @@ def one_step_setup(config, mesh):
     optimizer = train.make_optimizer(config, schedule)
     state = train.create_train_state(model, optimizer, (28, 28, 1), jax.random.key(0))
     step = train.jit_train_step(mesh, model=model, optimizer=optimizer, schedule=schedule,
-                                label_smoothing=config.label_smoothing)
+                                label_smoothing=config.label_smoothing,
+                                inputs=train.model_inputs(data.get_info(config.data)))
     return state, step
 
 
@@ -128,7 +129,7 @@ def test_one_training_step_on_fashion_mnist():
     assert not np.array_equal(before.batch_stats['stem_bn']['mean'],
                               state.batch_stats['stem_bn']['mean'])
     # A non-finite batch leaves the state as it was and says so.
-    nan_batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+    nan_batch = dict(batch, image=np.full(batch['image'].shape, np.nan, np.float32))
     after, nan_metrics = step(jax.device_get(state), nan_batch, jax.random.key(1))
     assert not bool(nan_metrics['finite'])
     assert int(after.step) == 1 and all_finite(after.params)
@@ -141,13 +142,15 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
     optimizer = train.make_optimizer(config, schedule)
     state = train.create_train_state(model, optimizer, (8, 8, 1), jax.random.key(0))
     step = train.jit_train_step(train.make_mesh(), model=model, optimizer=optimizer,
-                                schedule=schedule, label_smoothing=config.label_smoothing)
+                                schedule=schedule, label_smoothing=config.label_smoothing,
+                                inputs=train.model_inputs(data.get_info(config.data)))
     batch = real_batch(32, 'digits')
     for _ in range(3):
         state, step_metrics = step(state, batch, jax.random.key(1))
     assert bool(step_metrics['finite']) and int(state.step) == 3
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
-    jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(state.variables(), batch['image']))
+    images = data.normalise(batch['image'], data.get_info(config.data))
+    jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(state.variables(), images))
     assert 'bf16[32,8,8,8]' in jaxpr  # the stem's activations
 
 
@@ -167,7 +170,8 @@ results = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = train.make_mesh(devices)
     step = train.jit_train_step(mesh, model=model, optimizer=optimizer, schedule=schedule,
-                                label_smoothing=config.label_smoothing)
+                                label_smoothing=config.label_smoothing,
+                                inputs=train.model_inputs(data.get_info(config.data)))
     state = train.create_train_state(model, optimizer, (28, 28, 1), jax.random.key(0))
     for _ in range(2):
         state, step_metrics = step(state, batch, jax.random.key(1))

@@ -58,11 +58,11 @@ flags.DEFINE_integer('num_images', 256, 'Test images on which the logits are com
 FORM_DIR = 'full_group_form'
 
 
-def test_images(config, count: int) -> np.ndarray:
-    """The first `count` images of the test split (fewer if the split is smaller)."""
-    batch = next(iter(data.make_iterator(config.data, 'test', batch_size=count, seed=config.seed,
-                                         train=False)))
-    return batch['image'][batch['mask'] > 0]
+def test_images(dataset: data.Dataset, count: int) -> np.ndarray:
+    """The first `count` images of the test split (fewer if the split is smaller), normalised
+    as the models read them."""
+    batch = next(dataset.batches('test', batch_size=count, seed=0, train=False))
+    return np.asarray(data.normalise(batch['image'][batch['mask'] > 0], dataset.info))
 
 
 class CommandError(Exception):
@@ -124,7 +124,8 @@ def run(workdir: str, output_workdir: str) -> dict:
     step, config, variables = restore(workdir)
     check_output(workdir, output_workdir, step)
     model = models.build(config.model)
-    images = test_images(config, FLAGS.num_images)
+    dataset = data.open_dataset(config.data)
+    images = test_images(dataset, FLAGS.num_images)
     full, tied = symmetry.group_spec(model), symmetry.group_spec(model, tie_identity_shortcuts=True)
     form = symmetry.fold(full, variables)
     check_finite(full, form, images, step, variables)
@@ -153,10 +154,11 @@ def run(workdir: str, output_workdir: str) -> dict:
         'streams': str(full), 'tied_streams': str(tied),
         'full_group': full_report, 'tied_group': tied_report,
         'evaluation': {
-            'original': train.evaluate(config, variables),
+            'original': train.evaluate(config, variables, dataset=dataset),
             'full_group_form': train.evaluate(
-                config, full_moved, logits_fn=lambda f, x: symmetry.apply(full, f, x)),
-            'transformed': train.evaluate(reloaded_config, reloaded)},
+                config, full_moved, logits_fn=lambda f, x: symmetry.apply(full, f, x),
+                dataset=dataset),
+            'transformed': train.evaluate(reloaded_config, reloaded, dataset=dataset)},
     }
 
 
