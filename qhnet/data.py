@@ -63,6 +63,7 @@ import gzip
 import io
 import math
 import os
+import sys
 from typing import Callable, Iterator
 import zlib
 
@@ -994,16 +995,24 @@ def _batches(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict[str, 
         num_threads=1 if num_workers else _THREADS_WITHOUT_WORKERS,
         prefetch_buffer_size=_PREFETCH_BATCHES))
     if num_workers:
-        # Batches travel by pickle rather than shared memory, which grain leaks on close.
-        stream = grain.experimental.WithOptionsIterDataset(
-            stream, grain.experimental.DatasetOptions(min_shm_size=2**62))
+        _quiet_resource_tracker()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=_PREFETCH_BATCHES))
     iterator = iter(stream)
     try:
-        yield from iterator
+        for batch in iterator:  # workers' batches live in shared memory: copied out at once
+            yield {key: np.array(value) for key, value in batch.items()}
     finally:
         iterator.close()
+
+
+def _quiet_resource_tracker() -> None:
+    """Closing grain's workers can leave a batch or two of shared memory in flight; the
+    resource tracker process that multiprocessing starts frees them at exit, with a warning
+    each time. It inherits `sys.warnoptions`, so this silences that warning alone."""
+    option = 'ignore:resource_tracker:UserWarning:multiprocessing.resource_tracker'
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
 
 
 def _mark_flags_parsed() -> None:
