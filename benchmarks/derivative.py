@@ -3,9 +3,10 @@
     python -m benchmarks.derivative                      # CPU defaults: batch 8
     python -m benchmarks.derivative --batch 256 --dtype bfloat16 --reps 20   # on a GPU
 
-For every distinct K layer of the 224x224 network (resolution, width, stride) and
-every kernel layout (weight-shared bank, per-channel kernels, Eq. (7)'s (j, k)
-channels), times each implementation of `qhnet.derivative.depthwise_conv`:
+For every distinct K layer of the 224x224 network (resolution, width, stride; the
+resolutions scaled to another `--image-size`) and every kernel layout (weight-shared
+bank, per-channel kernels, Eq. (7)'s (j, k) channels), times each implementation of
+`qhnet.derivative.depthwise_conv`:
 
 - `fwd`: K alone, forward;
 - `train`: K forward and backward (gradients for the input and the kernel);
@@ -99,7 +100,9 @@ def run(args) -> dict:
     impls = args.impls
     results = []
     for layout, (multiplier, shared, expand) in LAYOUTS.items():
-        for size, channels, stride, count in LAYERS:
+        for size_at_224, channels, stride, count in LAYERS:
+            # The stem divides the input by 4, each strided block by 2, rounding up.
+            size = -(-size_at_224 * args.image_size // 224)
             fns = make_case(args.batch, size, channels, stride, multiplier, shared, expand, dtype)
             row = dict(layout=layout, size=size, channels=channels, stride=stride, count=count,
                        times={})
@@ -113,8 +116,8 @@ def run(args) -> dict:
                 for mode in args.modes)
             print(f'  {layout} {size}x{size}x{channels}/{stride}: {summary} ms ({"/".join(impls)})',
                   file=sys.stderr, flush=True)
-    return dict(device=timing.device_name(), batch=args.batch, dtype=args.dtype, reps=args.reps,
-                clock=args.clock,
+    return dict(device=timing.device_name(), batch=args.batch, image_size=args.image_size,
+                dtype=args.dtype, reps=args.reps, clock=args.clock,
                 impls=impls, modes=args.modes, default_impl=DEFAULT_IMPL,
                 load_average_at_end=timing.load_average(), layers=results)
 
@@ -169,6 +172,8 @@ def markdown(report: dict, note: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--image-size', type=int, default=224,
+                        help="the network's input size: K's layers at the resolutions it gives")
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
     parser.add_argument('--reps', type=int, default=7)
     parser.add_argument('--impls', type=lambda s: s.split(','), default=list(IMPLEMENTATIONS))

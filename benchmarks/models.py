@@ -15,7 +15,10 @@ For every model, at `--image-size` (224) and 100 classes, in one process:
   SGD-momentum update with weight decay, BN statistics), jitted with the state donated;
 - inference images/s: `model.apply(..., train=False)`, jitted;
 - peak memory of both programs from XLA's memory analysis of the compiled program:
-  arguments + outputs - donated aliases + temporaries (what the device must hold).
+  arguments + outputs - donated aliases + temporaries (what the device must hold);
+- training MFU: the lowered training step's FLOPs per image x training images/s (wall)
+  / the chip's dense bfloat16 peak (`--peak-tflops`, or looked up from the device kind;
+  none on a CPU or an unknown chip).
 
 All programs are timed round-robin (model A, B, C, A, B, C, ...) so that a change in
 machine load hits every model alike; medians of `--reps` repetitions. On a CPU both the
@@ -49,6 +52,22 @@ BASELINE = 'ResNet50'
 MAIN = 'Eq. (3) softball@ds'
 # Table 1 row title -> its key in qhnet.config.ROWS.
 ROW_KEYS = {row.title: key for key, row in qhnet_config.ROWS.items()}
+# Dense (no sparsity) bfloat16 peak TFLOP/s by the words of jax's device_kind, the most
+# specific first: 'NVIDIA H100 PCIe', 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H200'.
+PEAK_BF16_TFLOPS = (
+    (('H100', 'PCIe'), 756.0),
+    (('H100', 'HBM3'), 989.0),
+    (('H200',), 989.0),
+    (('A100',), 312.0),
+)
+
+
+def peak_bf16_tflops(device_kind: str) -> float | None:
+    """The chip's dense bfloat16 peak, or None for a chip not in PEAK_BF16_TFLOPS."""
+    for words, tflops in PEAK_BF16_TFLOPS:
+        if all(word in device_kind for word in words):
+            return tflops
+    return None
 
 
 def row_config(title: str):
@@ -137,8 +156,11 @@ def prepare(entry: Entry, args, config) -> dict:
     state = train.create_train_state(model, optimizer, shape[1:], jax.random.key(0))
     count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.params))
 
+    # The batch holds the float32 images a model reads, so `inputs` passes them through
+    # (training makes them from uint8 batches inside the step).
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
-                                     schedule=schedule, label_smoothing=config.label_smoothing),
+                                     schedule=schedule, label_smoothing=config.label_smoothing,
+                                     inputs=lambda batch, key: batch['image']),
                    donate_argnums=0)
     infer = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
     key = jax.random.key(1)
@@ -187,6 +209,9 @@ def measure(args) -> dict:
     rows = []
     for item in prepared:
         entry = item['entry']
+        train_images_per_second = args.batch / timing.median(results['train'][entry.label]['wall'])
+        mfu = (None if args.peak_tflops is None
+               else item['flops_train'] * train_images_per_second / (args.peak_tflops * 1e12))
         rows.append(dict(
             label=entry.label, row=entry.row, dtype=entry.dtype, remat=entry.remat,
             derivative_impl=entry.impl, params=item['params'],
@@ -194,8 +219,10 @@ def measure(args) -> dict:
             flops_train_compiled_per_image=item['flops_train_compiled'],
             peak_bytes_train=item['memory_train'], peak_bytes_infer=item['memory_infer'],
             compile_seconds=item['compile_seconds'],
-            train_seconds=results['train'][entry.label], infer_seconds=results['infer'][entry.label]))
+            train_seconds=results['train'][entry.label],
+            infer_seconds=results['infer'][entry.label], mfu=mfu))
     return dict(device=timing.device_name(), backend=jax.default_backend(), batch=args.batch,
+                peak_tflops=args.peak_tflops, peak_tflops_source=args.peak_tflops_source,
                 image_size=args.image_size, num_classes=args.num_classes, dtype=args.dtype,
                 reps=args.reps, clock=args.clock, default_impl=DEFAULT_IMPL, git=timing.git_revision(),
                 load_average_at_end=timing.load_average(), note=args.note, rows=rows)
@@ -212,6 +239,11 @@ def markdown(report: dict) -> str:
     def fmt_ratio(value):
         return f'{value:.2f}x'
 
+    peak = report['peak_tflops']
+    mfu_text = (f'training FLOPs per image (the lowered program\'s, as in the FLOPs columns) x '
+                f'train img/s / the {peak:g} TFLOP/s dense bfloat16 peak '
+                f'({report["peak_tflops_source"]})' if peak is not None
+                else 'n/a, no bfloat16 peak known for this device (`--peak-tflops`)')
     lines = [
         '# Models side by side: ResNet50 = 1.00x',
         '',
@@ -224,11 +256,11 @@ def markdown(report: dict) -> str:
         f'{"process CPU time (all threads), robust on a shared machine" if clock == "cpu" else "wall time"}'
         f'; img/s columns are wall clock. FLOPs: XLA cost analysis of the lowered program, per image '
         f'(a multiply-add is 2 FLOPs). Memory: XLA memory analysis of the compiled program '
-        f'(arguments + outputs - donated + temporaries), MiB.',
+        f'(arguments + outputs - donated + temporaries), MiB. MFU: {mfu_text}.',
         '',
         '| model | params (M) | x RN50 | GFLOPs fwd | x RN50 | train img/s | train x RN50 | '
-        'infer img/s | infer x RN50 | train peak MiB | x RN50 | infer peak MiB |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+        'infer img/s | infer x RN50 | train peak MiB | x RN50 | infer peak MiB | train MFU |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for row in rows:
         train_speed = seconds(base, 'train', clock) / seconds(row, 'train', clock)
@@ -241,7 +273,8 @@ def markdown(report: dict) -> str:
             f'| {batch / seconds(row, "infer", "wall"):.1f} | {fmt_ratio(infer_speed)} '
             f'| {row["peak_bytes_train"] / 2**20:.0f} '
             f'| {fmt_ratio(row["peak_bytes_train"] / base["peak_bytes_train"])} '
-            f'| {row["peak_bytes_infer"] / 2**20:.0f} |')
+            f'| {row["peak_bytes_infer"] / 2**20:.0f} '
+            f'| {"n/a" if row["mfu"] is None else format(row["mfu"], ".1%")} |')
     lines += ['', 'Spread (half inter-quartile range / median) of the training-step times: ' + ', '.join(
         f'{row["label"]} {timing.spread(row["train_seconds"][clock]):.0%}' for row in rows) + '.']
     return '\n'.join(lines) + '\n'
@@ -270,10 +303,20 @@ def main(argv=None) -> None:
                         help='a program slower than this per call is timed once')
     parser.add_argument('--clock', choices=('cpu', 'wall'), default=None,
                         help="speed ratios from 'cpu' (process CPU time; default on CPU) or 'wall'")
+    parser.add_argument('--peak-tflops', type=float, default=None,
+                        help="the chip's dense bfloat16 peak TFLOP/s for the MFU column (default: "
+                             'looked up from the device kind: H100 SXM/H200 989, H100 PCIe 756, '
+                             'A100 312; other devices get no MFU)')
     parser.add_argument('--note', default='')
     parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
     args = parser.parse_args(argv)
     args.clock = args.clock or ('cpu' if jax.default_backend() == 'cpu' else 'wall')
+    if args.peak_tflops is None:
+        device_kind = jax.devices()[0].device_kind
+        args.peak_tflops = peak_bf16_tflops(device_kind)
+        args.peak_tflops_source = f'looked up from the device kind {device_kind!r}'
+    else:
+        args.peak_tflops_source = '--peak-tflops'
     report = measure(args)
     text = markdown(report)
     print(text)

@@ -436,7 +436,7 @@ def rand_augment_name() -> str:
 
 def summary(report: dict) -> dict:
     """The headline rates and ratios, all from this run's measurements."""
-    old = max(run['images_per_core_second'] for run in report['old'])
+    old = max((run['images_per_core_second'] for run in report['old']), default=None)
     in_process = {run['augmentation']: run['images_per_core_second']
                   for run in report['in_process']}
     most_workers = max(run['workers'] for run in report['workers'])
@@ -446,7 +446,7 @@ def summary(report: dict) -> dict:
     fastest = max(rates, key=rates.get)
     return dict(
         old_per_core=old, new_per_core=in_process,
-        new_over_old=in_process['crop_flip'] / old,
+        new_over_old=None if old is None else in_process['crop_flip'] / old,
         rand_augment_erasing_over_crop_flip=(in_process['rand_augment_erasing']
                                              / in_process['crop_flip']),
         most_workers=most_workers, new_per_core_with_workers=with_workers,
@@ -458,6 +458,8 @@ def summary(report: dict) -> dict:
 def markdown(report: dict) -> str:
     s = report['summary']
     size = report['image_size']
+    old_loader = (f'`qhnet.data` of {report["baseline"]}, from a git worktree in a subprocess'
+                  if report['old'] else 'not measured (`--no-baseline`)')
     lines = [
         '# Input pipeline: old thread-pool loader against the grain loader',
         '',
@@ -465,8 +467,7 @@ def markdown(report: dict) -> str:
         f'{report["mean_jpeg_bytes"] / 1e3:.0f} KB), train split, augmentation on, '
         f'{size}x{size}, batch {report["batch"]}, {report["seconds"]:g} s (and at least '
         f'{report["min_batches"]} batches) per measurement after a warm-up. New loader: '
-        f'`qhnet.data` of {report["new_tree"]}; old loader: `qhnet.data` of '
-        f'{report["baseline"]}, from a git worktree in a subprocess. Load average at the end: '
+        f'`qhnet.data` of {report["new_tree"]}; old loader: {old_loader}. Load average at the end: '
         f'{report["load_average_at_end"]}. {report["note"]}'.rstrip(),
         '',
         'images/s per core = images / CPU seconds of every thread (and worker process) doing '
@@ -491,9 +492,14 @@ def markdown(report: dict) -> str:
         f'| new, in process (num_workers=0) | {new["images_per_second"]:.1f} | '
         f'{new["images_per_core_second"]:.1f} | |',
         '',
-        f'**New / old per core: {s["new_over_old"]:.2f}x** (against the faster old row; '
-        f'goal >= 2x: {"met" if s["new_over_old"] >= 2 else "not met"}).',
-        '',
+    ]
+    if report['old']:
+        lines += [
+            f'**New / old per core: {s["new_over_old"]:.2f}x** (against the faster old row; '
+            f'goal >= 2x: {"met" if s["new_over_old"] >= 2 else "not met"}).',
+            '',
+        ]
+    lines += [
         '## RandAugment and random erasing (new loader, in process)',
         '',
         '| augmentation | images/s (wall) | images/s per core | per core vs crop + flip |',
@@ -569,7 +575,8 @@ def markdown(report: dict) -> str:
         '| loader | augmentation | images/s per core | cores |',
         '|---|---|---:|---:|',
     ]
-    rows = [(f'old ({report["baseline"]}), faster row', 'crop_flip', s['old_per_core'])]
+    rows = ([(f'old ({report["baseline"]}), faster row', 'crop_flip', s['old_per_core'])]
+            if report['old'] else [])
     rows += [('new, in process', name, rate) for name, rate in s['new_per_core'].items()]
     rows += [(f'new, {s["most_workers"]} workers (start-up included)', name, rate)
              for name, rate in s['new_per_core_with_workers'].items()]
@@ -627,6 +634,8 @@ def main(argv=None) -> None:
     parser.add_argument('--workers', type=positive_integers, default=[1, 2],
                         help="the new loader's worker processes, e.g. 1,2")
     parser.add_argument('--baseline', default=BASELINE, help='git revision of the old loader')
+    parser.add_argument('--no-baseline', action='store_true',
+                        help='skip the old loader (its git worktree and subprocess)')
     parser.add_argument('--models-json', default='benchmarks/models_cpu.json')
     parser.add_argument('--note', default='')
     parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
@@ -647,9 +656,11 @@ def main(argv=None) -> None:
     loader_source = dict(data_dir=data_dir, class_list=class_list, image_size=args.image_size)
     timing_args = dict(batch=args.batch, seconds=args.seconds, min_batches=args.batches)
 
-    progress(f'old loader ({args.baseline}), {args.threads} threads ...')
-    old = measure_old_loader(args.baseline, dict(**loader_source, **timing_args,
-                                                 threads=args.threads))
+    old = []
+    if not args.no_baseline:
+        progress(f'old loader ({args.baseline}), {args.threads} threads ...')
+        old = measure_old_loader(args.baseline, dict(**loader_source, **timing_args,
+                                                     threads=args.threads))
     in_process, workers = [], []
     for augmentation in AUGMENTATIONS:
         progress(f'new loader in process, {augmentation} ...')

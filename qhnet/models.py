@@ -26,6 +26,29 @@ STEMS = ('imagenet', 'small')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+class Conv3x3Patches(nn.Module):
+    """A 3x3 convolution, zero padding 1, stride 1, no bias, as one matrix product of the
+    9 shifted copies of the input with the kernel: the parameters and results of
+    `nn.Conv(features, (3, 3), padding=1)`, faster on XLA:CPU for the few input channels
+    of the small stem."""
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    # What nn.Conv's fields would say (qhnet.symmetry reads the stem's geometry).
+    strides = (1, 1)
+    padding = ((1, 1), (1, 1))
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        kernel = self.param('kernel', CONV_INIT, (3, 3, channels, self.features))
+        padded = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        patches = jnp.concatenate([padded[:, dy:dy + height, dx:dx + width]
+                                   for dy in range(3) for dx in range(3)], axis=-1)
+        weights = kernel.reshape(9 * channels, self.features).astype(self.dtype)
+        return (patches.reshape(-1, 9 * channels) @ weights).reshape(batch, height, width,
+                                                                    self.features)
+
+
 class QHNet(nn.Module):
     """Stem, stages of quasi-linear blocks, global average pool, linear head.
 
@@ -67,8 +90,7 @@ class QHNet(nn.Module):
             x = nn.Conv(self.widths[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
                         kernel_init=CONV_INIT, dtype=self.dtype, name='stem_conv')(x)
         else:
-            x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                        kernel_init=CONV_INIT, dtype=self.dtype, name='stem_conv')(x)
+            x = Conv3x3Patches(self.widths[0], dtype=self.dtype, name='stem_conv')(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name='stem_bn')(x)
         x = nn.relu(x)

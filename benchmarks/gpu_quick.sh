@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# A quick GPU check for a 10-minute window: at most about 8 minutes on one H100/H200,
+# compiling included. In bfloat16 at batch 256:
+#   - ResNet50 against Eq. (3) softball@ds at 224x224: training and inference img/s, peak
+#     memory, training MFU against the chip's bfloat16 peak;
+#   - K's implementations (grouped, folded, stencil), forward and forward + backward, for
+#     the weight-shared and the per-channel layouts of Eq. (3);
+#   - the host's input pipeline with 16 grain worker processes, beside the training steps.
+# Writes models, derivative and pipeline_host .md/.json (each naming its device) to $OUT
+# (default benchmarks/gpu_quick), then prints the fastest K in forward + backward.
+#
+#     OUT=benchmarks/gpu_quick bash benchmarks/gpu_quick.sh
+#     bash benchmarks/gpu_quick.sh --dry-run   # or QHNET_DRY_RUN=1: the same steps, tiny, on CPU
+set -euo pipefail
+
+dry_run=${QHNET_DRY_RUN:-0}
+for arg in "$@"; do
+    case $arg in
+        --dry-run) dry_run=1 ;;
+        *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+    esac
+done
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=${OUT:-$repo/benchmarks/gpu_quick}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the benchmarks run from the repository root
+python=${PYTHON:-python}
+cd "$repo"
+
+# The old loader (a git worktree at an old commit) is left out: its comparison is a
+# per-core CPU figure, and it needs that commit's history in this checkout.
+pipeline=(--no-baseline --models-json "$out/models.json")
+if [[ $dry_run == 1 ]]; then
+    export JAX_PLATFORMS=cpu
+    data_root=$(mktemp -d)
+    trap 'rm -rf "$data_root"' EXIT
+    sizes=(--image-size 32 --batch 2 --reps 1)
+    pipeline+=(--root "$data_root" --classes 2 --per-class 8 --image-size 32 --batch 2
+               --workers 1 --seconds 0.5 --batches 1)
+else
+    sizes=(--batch 256 --reps 10)
+    pipeline+=(--workers 16 --seconds 5)
+fi
+
+run() {
+    local start=$SECONDS
+    printf '+' >&2; printf ' %q' "$@" >&2; echo >&2
+    "$@"
+    echo "  ($((SECONDS - start)) s)" >&2
+}
+
+run "$python" -m benchmarks.models --models 'resnet50;eq3_softball' --dtype bfloat16 "${sizes[@]}" \
+    --out "$out/models"
+# Layouts 0 and 1: Eq. (3)'s; Eq. (7)'s (j, k) channels are left out for time.
+run "$python" -m benchmarks.derivative --dtype bfloat16 --modes fwd,train --layouts 0,1 "${sizes[@]}" \
+    --out "$out/derivative"
+run "$python" -m benchmarks.pipeline "${pipeline[@]}" --out "$out/pipeline_host"
+
+"$python" - "$out/derivative.json" <<'EOF'
+import json, statistics, sys
+
+with open(sys.argv[1]) as f:
+    report = json.load(f)
+totals = {}  # layout -> impl -> seconds per network (each layer times its block count)
+for layer in report['layers']:
+    per_impl = totals.setdefault(layer['layout'], {})
+    for impl, times in layer['times']['train'].items():
+        per_impl[impl] = per_impl.get(impl, 0.0) + statistics.median(times[report['clock']]) * layer['count']
+for layout, per_impl in totals.items():
+    ranked = sorted(per_impl, key=per_impl.get)
+    print(f'fastest K in train mode (forward + backward), {layout}: {ranked[0]} ('
+          + ', '.join(f'{impl} {per_impl[impl] * 1e3:.1f} ms' for impl in ranked) + ' per network)')
+EOF
+echo "tables in $out; $SECONDS s in all"

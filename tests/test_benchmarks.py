@@ -1,0 +1,40 @@
+"""`benchmarks/gpu_quick.sh --dry-run`: every step of the quick GPU benchmark end to end,
+at tiny sizes on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores, most of it compiling ResNet50 and Eq. (3)
+def test_gpu_quick_dry_run(tmp_path):
+    result = subprocess.run(['bash', 'benchmarks/gpu_quick.sh', '--dry-run'], cwd=ROOT, text=True,
+                            capture_output=True, timeout=600, check=False,
+                            env={**os.environ, 'OUT': str(tmp_path), 'PYTHON': sys.executable})
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    reports = {}
+    for stem in ('models', 'derivative', 'pipeline_host'):
+        reports[stem] = json.loads((tmp_path / f'{stem}.json').read_text())
+        device = reports[stem]['device']
+        assert '(cpu, jax ' in device, device
+        assert f'Device: **{device}**' in (tmp_path / f'{stem}.md').read_text(), stem
+
+    models = reports['models']
+    assert [row['label'] for row in models['rows']] == ['ResNet50', 'Eq. (3) softball@ds']
+    assert models['peak_tflops'] is None  # no known peak on a CPU: the MFU column reads n/a
+    assert all(row['mfu'] is None for row in models['rows'])
+    table = (tmp_path / 'models.md').read_text()
+    assert '| train MFU |' in table and table.count('| n/a |') == 2, table
+
+    assert reports['derivative']['image_size'] == 32
+    assert reports['pipeline_host']['old'] == []  # --no-baseline
+    assert [run['workers'] for run in reports['pipeline_host']['workers']] == [1, 1]
+    for layout in ('ws m=4 (Eq. 3)', 'no ws m=4 (Eq. 3 no ws)'):
+        assert f'fastest K in train mode (forward + backward), {layout}: ' in result.stdout, \
+            result.stdout[-3000:]
