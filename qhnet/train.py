@@ -50,8 +50,8 @@ from qhnet import config as qhnet_config
 # fields that change only how the function is computed are not among them.
 IDENTITY_FIELDS = ('model', 'data.name', 'data.image_size', 'data.channels', 'data.class_list',
                    'data.augment', 'data.rand_augment', 'data.rand_augment_magnitude',
-                   'data.rand_augment_std', 'data.erasing', 'data.erasing_count', 'seed', 'batch_size', 'num_epochs', 'num_train_steps',
-                   'optimizer', 'label_smoothing')
+                   'data.rand_augment_std', 'data.erasing', 'data.erasing_count', 'seed',
+                   'batch_size', 'num_epochs', 'num_train_steps', 'optimizer', 'label_smoothing')
 COMPUTE_ONLY_MODEL_FIELDS = ('dtype', 'remat', 'derivative_impl')
 SUMMARY_FILE = 'summary.json'
 PREFETCH_DEPTH = 2
