@@ -644,11 +644,18 @@ class _TrainingRun:
             except _NonFiniteStep as breakdown:
                 state = self._roll_back(breakdown)
 
-    def _checked(self, step: int, device_metrics: dict[str, jax.Array]) -> dict[str, float]:
-        values = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
-        if not values.pop('finite'):
-            raise _NonFiniteStep(step, values)
-        return values
+    @staticmethod
+    def _checked(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[dict[str, float]]:
+        """The metrics of the updates in `pending`, read from the devices at once; raises
+        _NonFiniteStep at the first that was not finite (it and the later ones were not
+        saved: the run rolls back to a checkpoint from before them)."""
+        window = []
+        for step, values in jax.device_get(pending):
+            values = {name: float(value) for name, value in values.items()}
+            if not values.pop('finite'):
+                raise _NonFiniteStep(step, values)
+            window.append(values)
+        return window
 
     def _roll_back(self, breakdown: _NonFiniteStep) -> TrainState:
         self.rollbacks += 1
@@ -694,16 +701,15 @@ class _TrainingRun:
             unit='img', unit_scale=True, dynamic_ncols=True,
             disable=not (self.is_chief and config.progress_bar))
         batches = DeviceBatches(self._train_batches(step), self.batch_sharding)
-        window: list[dict[str, float]] = []
+        # (step, metrics) of the updates since the last log, left on the devices until then:
+        # no step waits for the one before it.
+        pending: list[tuple[int, dict[str, jax.Array]]] = []
         window_start = time.time()
-        unchecked = None  # (step, metrics) of the newest update, read once the next is queued
         try:
             while step < self.total_steps:
                 state, step_metrics = self.train_step(state, next(batches), self.dropout_rng)
                 step += 1
-                if unchecked:
-                    window.append(self._checked(*unchecked))
-                unchecked = (step, step_metrics)
+                pending.append((step, step_metrics))
                 progress.update(config.batch_size)
                 if step == config.debug.crash_after_step:
                     raise SimulatedCrash(f'debug.crash_after_step: stopping after step {step}')
@@ -712,8 +718,7 @@ class _TrainingRun:
                 save_due = step % config.checkpoint.every_steps == 0 or epoch_end or last
                 if not (step % config.log_every_steps == 0 or save_due):
                     continue
-                window.append(self._checked(*unchecked))
-                unchecked = None
+                window, pending = self._checked(pending), []
                 seconds = time.time() - window_start
                 self.train_seconds += seconds
                 self.images_trained += len(window) * config.batch_size
@@ -722,7 +727,6 @@ class _TrainingRun:
                     self._save(state, step)
                 if epoch_end or last:
                     self.log_eval(step, state)
-                window = []
                 window_start = time.time()
         finally:
             batches.close()
