@@ -897,7 +897,7 @@ class _ArrayBatches:
         if transform.rand_augment or transform.erasing:
             examples = [transform.finish(image, int(position), bool(keep))
                         for image, position, keep in zip(pixels, batch.positions, real)]
-            out = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+            out = _stack(examples)
         else:
             if pixels.shape[-1] != transform.channels:
                 pixels = np.repeat(pixels, transform.channels, axis=-1)
