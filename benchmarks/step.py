@@ -8,10 +8,13 @@ worktree) runs in its own subprocess with its own `qhnet`: it builds the config 
 `configs/eq3_softball.py:fashion_mnist` as that version defines it (model, batch size),
 compiles its jitted training step (`qhnet.train.jit_train_step`), feeds it real
 Fashion-MNIST batches from its own `qhnet.data`, and times `--seconds` of steps after a
-warm-up, the way its training loop calls them. The versions alternate
-(baseline, current, baseline, current, ...) `--rounds` times so that a change in machine
-load hits both; the report gives the medians and their ratio in images/s, wall clock and
-process CPU time.
+warm-up, the way its training loop calls them. The current code runs twice: as
+`python -m qhnet.main` runs it, with `qhnet.allocator.reuse_freed_memory()` called first,
+and with glibc's default allocator, so that the report separates what the allocator
+setting gives from what the code gives. The versions alternate (baseline, current with
+the default allocator, current, baseline, ...) `--rounds` times so that a change in
+machine load hits all of them; the report gives the medians and their ratios in images/s,
+wall clock and process CPU time, and the page faults per step.
 """
 
 import argparse
@@ -29,7 +32,10 @@ DEFAULT_BASELINE = '4f1caf5'  # the last version before this benchmark's speed w
 
 # Runs inside a version's checkout: prints one JSON line of step timings.
 PROBE = r'''
-import inspect, json, sys, time
+import inspect, json, resource, sys, time
+if sys.argv[2] == 'reuse':  # as qhnet.main does, before JAX's backend starts
+    from qhnet import allocator
+    allocator.reuse_freed_memory()
 import jax, numpy as np
 from qhnet import config as qhnet_config, data, models, train
 seconds = float(sys.argv[1])
@@ -53,21 +59,25 @@ rng = jax.random.key(1)
 for batch in host[:3]:
     state, metrics = step(state, batch, rng)
 jax.block_until_ready(metrics)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 count, start, start_cpu = 0, time.perf_counter(), time.process_time()
 while time.perf_counter() - start < seconds:
     state, metrics = step(state, host[count % len(host)], rng)
     count += 1
 jax.block_until_ready(metrics)
 wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 print(json.dumps(dict(batch_size=config.batch_size, steps=count, wall_seconds=wall,
+                      page_faults_per_step=faults / count,
                       cpu_seconds=cpu, images_per_second=count * config.batch_size / wall,
                       images_per_cpu_second=count * config.batch_size / cpu)))
 '''
 
 
-def probe(checkout: str, seconds: float) -> dict:
-    """One timing of the training step of the `qhnet` in `checkout`."""
-    result = subprocess.run([sys.executable, '-c', PROBE, str(seconds)], cwd=checkout,
+def probe(checkout: str, seconds: float, allocator: str = 'default') -> dict:
+    """One timing of the training step of the `qhnet` in `checkout`; `allocator` 'reuse'
+    calls `qhnet.allocator.reuse_freed_memory()` first."""
+    result = subprocess.run([sys.executable, '-c', PROBE, str(seconds), allocator], cwd=checkout,
                             env={**os.environ, 'PYTHONPATH': checkout}, capture_output=True,
                             text=True, check=False)
     if result.returncode:
@@ -85,11 +95,26 @@ def baseline_worktree(revision: str) -> str:
 def summarise(runs: list[dict]) -> dict:
     return dict(batch_size=runs[0]['batch_size'], runs=runs,
                 images_per_second=timing.median([r['images_per_second'] for r in runs]),
-                images_per_cpu_second=timing.median([r['images_per_cpu_second'] for r in runs]))
+                images_per_cpu_second=timing.median([r['images_per_cpu_second'] for r in runs]),
+                page_faults_per_step=timing.median([r['page_faults_per_step'] for r in runs]))
+
+
+# (name, label in the report, checkout: 'baseline' or 'current', allocator)
+VERSIONS = (('baseline', 'baseline {baseline}', 'baseline', 'default'),
+            ('current_default_allocator', 'current, default allocator', 'current', 'default'),
+            ('current', 'current, as `qhnet.main` runs it', 'current', 'reuse'))
 
 
 def markdown(report: dict) -> str:
-    base, current = report['baseline'], report['current']
+    base = report['versions']['baseline']
+    rows = []
+    for name, label, _, _ in VERSIONS:
+        version = report['versions'][name]
+        rows.append(f'| {label.format(baseline=report["baseline_revision"])} | '
+                    f'{version["batch_size"]} | {version["images_per_second"]:.0f} | '
+                    f'{version["images_per_cpu_second"]:.0f} | '
+                    f'{version["page_faults_per_step"]:,.0f} | '
+                    f'{version["images_per_second"] / base["images_per_second"]:.2f}x |')
     return '\n'.join([
         "# The README's main config: training step, current code against an earlier version",
         '',
@@ -99,12 +124,14 @@ def markdown(report: dict) -> str:
         f'{report["current_revision"]}; baseline: {report["baseline_revision"]} (git worktree). '
         f'Load average at the end: {report["load_average"]}. {report["note"]}',
         '',
-        '| version | batch | images/s (wall) | images/s per CPU second |',
-        '|---|---:|---:|---:|',
-        f'| baseline {report["baseline_revision"]} | {base["batch_size"]} | '
-        f'{base["images_per_second"]:.0f} | {base["images_per_cpu_second"]:.0f} |',
-        f'| current | {current["batch_size"]} | {current["images_per_second"]:.0f} | '
-        f'{current["images_per_cpu_second"]:.0f} |',
+        'Page faults: minor faults of the process per step (fresh pages the kernel maps in and '
+        'zeroes). `qhnet.main` keeps freed host memory for reuse (`qhnet.allocator`); the middle '
+        'row is the same code with glibc\'s default allocator.',
+        '',
+        '| version | batch | images/s (wall) | images/s per CPU second | page faults per step '
+        '| vs baseline (wall) |',
+        '|---|---:|---:|---:|---:|---:|',
+        *rows,
         '',
         f'**Current / baseline: {report["ratio_wall"]:.2f}x** on the wall clock '
         f'({report["ratio_cpu"]:.2f}x per CPU second).',
@@ -120,21 +147,23 @@ def main(argv=None) -> None:
     parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
     args = parser.parse_args(argv)
     worktree = baseline_worktree(args.baseline)
-    runs = {'baseline': [], 'current': []}
+    checkouts = {'baseline': worktree, 'current': ROOT}
+    runs = {name: [] for name, *_ in VERSIONS}
     try:
         for round_index in range(args.rounds):
-            for name, checkout in (('baseline', worktree), ('current', ROOT)):
-                runs[name].append(probe(checkout, args.seconds))
+            for name, _, checkout, allocator in VERSIONS:
+                runs[name].append(probe(checkouts[checkout], args.seconds, allocator))
                 print(f'round {round_index + 1}, {name}: '
                       f'{runs[name][-1]["images_per_second"]:.0f} images/s', file=sys.stderr,
                       flush=True)
     finally:
         subprocess.run(['git', '-C', ROOT, 'worktree', 'remove', '--force', worktree],
                        check=False, capture_output=True)
-    baseline, current = summarise(runs['baseline']), summarise(runs['current'])
+    versions = {name: summarise(version_runs) for name, version_runs in runs.items()}
+    baseline, current = versions['baseline'], versions['current']
     report = dict(device=timing.device_name(), seconds=args.seconds, rounds=args.rounds,
                   current_revision=timing.git_revision(), baseline_revision=args.baseline,
-                  baseline=baseline, current=current, note=args.note,
+                  versions=versions, note=args.note,
                   ratio_wall=current['images_per_second'] / baseline['images_per_second'],
                   ratio_cpu=current['images_per_cpu_second'] / baseline['images_per_cpu_second'],
                   load_average=timing.load_average())

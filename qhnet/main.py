@@ -20,7 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from qhnet import checkpoints, data, train
+from qhnet import allocator, checkpoints, data, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -88,6 +88,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if allocator.reuse_freed_memory():  # before JAX's backend starts its threads
+        logging.info('Host allocator: one glibc arena, freed memory kept for reuse.')
     logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
     if FLAGS.multihost:
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
