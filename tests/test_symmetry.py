@@ -15,7 +15,9 @@ more than 1e-3.
 Float64 fold checks run the Flax model with dtype float64 and compare the head's output.
 """
 
+import ast
 import json
+import pathlib
 import re
 
 import flax
@@ -499,3 +501,64 @@ def test_images_of_the_wrong_shape_are_refused(identity_model, images):
                    + re.escape(str(bad.shape)))
         with pytest.raises(ValueError, match=message):
             symmetry.verify(spec, form, element, bad)
+
+
+# The package's layout.
+
+# The chain of qhnet/symmetry (its __init__ docstring): a module imports from the package only
+# modules of earlier layers, and `groups` and `testing`, which import nothing from it.
+IMPORT_LAYERS = (('structure',), ('spec',), ('folding',), ('qhnet_family', 'baseline_family'),
+                 ('families',), ('action',), ('__init__',), ('__main__',))
+LEAVES = ('groups', 'testing')
+
+
+def symmetry_imports(path: pathlib.Path, modules: set[str]) -> list[tuple[str, bool]]:
+    """(module of qhnet.symmetry, inside a function?) for each import from the package in the
+    file; `from qhnet.symmetry import name` of a name that is no module imports `__init__`."""
+    tree = ast.parse(path.read_text())
+    in_functions = {id(node) for function in ast.walk(tree)
+                    if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for node in ast.walk(function)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name.split('.') for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):  # relative to qhnet.symmetry, if `level`
+            base = ['qhnet', 'symmetry'][:3 - node.level] if node.level else []
+            base += node.module.split('.') if node.module else []
+            targets = [base] if len(base) > 2 else [base + [alias.name] for alias in node.names]
+        else:
+            continue
+        for parts in targets:
+            if parts[:2] == ['qhnet', 'symmetry']:
+                module = parts[2] if len(parts) > 2 and parts[2] in modules else '__init__'
+                found.append((module, id(node) in in_functions))
+    return found
+
+
+def chain_problems(directory: pathlib.Path) -> list[str]:
+    """Every way in which the modules in `directory` break the chain (`IMPORT_LAYERS`)."""
+    rank = {name: i for i, layer in enumerate(IMPORT_LAYERS) for name in layer}
+    modules = {path.stem for path in directory.glob('*.py')}
+    unplaced = modules - set(rank) - set(LEAVES)
+    problems = [f'{module} has no place in the chain' for module in sorted(unplaced)]
+    for module in sorted(modules):
+        for imported, in_function in symmetry_imports(directory / f'{module}.py', modules):
+            if in_function:
+                problems.append(f'{module} imports {imported} inside a function')
+            elif module in LEAVES:
+                problems.append(f'{module} imports {imported}; it must import nothing from the '
+                                'package')
+            elif module in rank and imported not in LEAVES and not (
+                    imported in rank and rank[imported] < rank[module]):
+                problems.append(f'{module} imports {imported}, which is not earlier in the chain')
+    return list(dict.fromkeys(problems))
+
+
+def test_imports_form_a_chain():
+    """qhnet/symmetry imports one way: structure < spec < folding < {qhnet_family,
+    baseline_family} < families < action < __init__ < __main__, each module from earlier ones
+    only (and from groups, testing), and never inside a function."""
+    directory = pathlib.Path(symmetry.__file__).parent
+    assert {'structure', 'families', 'action'} <= {p.stem for p in directory.glob('*.py')}
+    assert chain_problems(directory) == []

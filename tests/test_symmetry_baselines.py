@@ -1,4 +1,5 @@
-"""The symmetry toolkit on the baselines (`qhnet.symmetry.baselines`): ResNet50, MobileNetV3Large.
+"""The symmetry toolkit on the baselines (`qhnet.symmetry.baseline_family`): ResNet50,
+MobileNetV3Large.
 
 Both models as their configs build them, on 4 real digits at 32x32 RGB, with variables
 from `random_variables` (non-trivial BN statistics). Tolerances as in test_symmetry.py: the

@@ -3,7 +3,7 @@ groups').
 
 The same functions cover the baselines (ResNet50, MobileNetV3Large): their hidden-channel
 symmetries, permutations and positive scalings of relu channels, permutations of hardswish
-channels and GL(n) on MobileNet's linear bottlenecks (`qhnet.symmetry.baselines`).
+channels and GL(n) on MobileNet's linear bottlenecks (`qhnet.symmetry.baseline_family`).
 
     spec = group_spec(model)                  # streams, groups, hidden symmetries: from the model
     form = fold(spec, variables)              # BN folded, mixing maps and shortcuts explicit
@@ -15,12 +15,29 @@ channels and GL(n) on MobileNet's linear bottlenecks (`qhnet.symmetry.baselines`
     variables = unfold(spec, moved)           # back to the Flax model with mixing=True
 
 Command line: `python -m qhnet.symmetry verify --workdir=DIR` (see `__main__`).
+
+The modules form a chain: each imports only modules above it, and the two families not each
+other (tests/test_symmetry.py, `test_imports_form_a_chain`).
+
+    structure.py        the structures traced from a model: QHNet's, the baselines'; `trace`
+    spec.py             the spec's dataclasses: Entry, Stream, HiddenEntry, Hidden, GroupSpec
+    folding.py          what both families fold with: BatchNorms, variables, dtypes
+    qhnet_family.py     a QHNet's group_spec, fold, apply, unfold and form_keys
+    baseline_family.py  the same for ResNet50 and MobileNetV3Large
+    families.py         FAMILIES, structure type -> family; the public group_spec, fold, apply,
+                        unfold and the form checks, which look the family up there
+    action.py           group elements: sample, act, inverse, condition, verify
+    __init__.py         this public API
+    __main__.py         the command line
+
+`groups.py` (the matrix groups) and `testing.py` (random variables for tests) import nothing
+from the package; any module may import them.
 """
 
 from qhnet.symmetry.action import act, condition, invariance_tolerance, inverse, sample, verify
+from qhnet.symmetry.families import apply, fold, group_spec, unfold
 from qhnet.symmetry.groups import ADMITTED, GROUPS
-from qhnet.symmetry.inference import apply, fold, unfold
-from qhnet.symmetry.spec import Entry, GroupSpec, Hidden, HiddenEntry, Stream, group_spec
+from qhnet.symmetry.spec import Entry, GroupSpec, Hidden, HiddenEntry, Stream
 
 __all__ = ['ADMITTED', 'GROUPS', 'Entry', 'GroupSpec', 'Hidden', 'HiddenEntry', 'Stream', 'act',
            'apply', 'condition', 'fold', 'group_spec', 'invariance_tolerance', 'inverse', 'sample',

@@ -41,10 +41,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qhnet import checkpoints, data, models, train
+from qhnet import allocator, checkpoints, data, models, train
 from qhnet import symmetry
 from qhnet.symmetry.action import MAX_CONDITION
-from qhnet.symmetry.inference import leaves
+from qhnet.symmetry.folding import leaves
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training workdir holding checkpoints.')
@@ -166,6 +166,7 @@ def main(argv: list[str]) -> None:
     if argv[1:] != ['verify']:
         raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR; '
                              f'got {argv[1:]}')
+    allocator.reuse_freed_memory()  # before JAX's backend starts its threads
     try:
         if FLAGS.num_images < 1:
             raise CommandError(f'--num_images={FLAGS.num_images}: the check needs test images; '

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qhnet.symmetry import groups
-from qhnet.symmetry.inference import apply, check_form, check_images, form_dtype
+from qhnet.symmetry.families import apply, check_form, check_images
+from qhnet.symmetry.folding import form_dtype
 from qhnet.symmetry.spec import GroupSpec
 
 

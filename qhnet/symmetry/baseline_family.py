@@ -1,9 +1,10 @@
-"""The hidden-channel symmetries of the baselines (`qhnet.baselines`): ResNet50, MobileNetV3Large.
+"""The baselines (`qhnet.baselines`: ResNet50, MobileNetV3Large): their hidden-channel
+symmetries as a group spec, their inference form, its forward pass and the way back.
 
 Inference form. Every conv (or Dense) with the BatchNorm after it folded in is one affine
 layer x -> conv(x, W) + b, stored under the conv's module path as {'kernel': W, 'bias': b}
 in the Flax layout (HWIO; a depthwise kernel is (k, k, 1, n)). With BN(x) = x s + t
-(running statistics, `inference.batch_norm`) and the layer's own bias c (0 if it has none):
+(running statistics, `folding.batch_norm`) and the layer's own bias c (0 if it has none):
 
     W <- W s (output axis),   b = c s + t.
 
@@ -22,11 +23,10 @@ in the Flax layout (HWIO; a depthwise kernel is (k, k, 1, n)). With BN(x) = x s 
                     x = project(d) (+ x when the output has x's shape: stride 1, same width)
                 x = hswish(last_conv(x)); z = hswish(mean(x) W_fc1 + b_fc1); logits = fc2(z)
 
-Streams. A channel set with T acting as u -> u T is a `Stream` (the format of
-`qhnet.symmetry.spec`): the layers writing it take W -> W T, b -> b T ('out'), those reading
-it W -> T^-1 W ('in'), and a per-channel map on it (a depthwise kernel, the squeeze-excite
-gate) follows T's permutation P only ('per_channel': T^-1 diag(w) T = diag(w P) for
-T = P D). Its group is the meet of what every map on it admits (`groups.ADMITTED`):
+Streams (the format of `qhnet.symmetry.spec`): the layers writing a stream take W -> W T,
+b -> b T ('out'), those reading it W -> T^-1 W ('in'), and a per-channel map on it (a
+depthwise kernel, the squeeze-excite gate) follows T's permutation P only ('per_channel').
+Its group is the meet of what every map on it admits (`groups.ADMITTED`):
 
 - ResNet50 (relu everywhere): 'stem' (max pooling commutes with positive scalings and
   permutations), '<block>/hidden1' and '<block>/hidden2', and one residual stream per stage,
@@ -43,14 +43,13 @@ T = P D). Its group is the meet of what every map on it admits (`groups.ADMITTED
   'permutation', and block1, which does not expand, reads it with its depthwise conv
   and adds its output to it. 'last_conv' and 'fc1' (hswish) are 'permutation'.
 
-The spec has no `Hidden` entries: every hidden set is a stream. `trace_structure` reads the
-layers, their widths, strides and BatchNorms, the blocks' activations, shortcuts and
-squeeze-excites off the model by tracing `model.init` abstractly; only what each block
-computes (the equations above) is restated here. `unfold` writes a form back into the same
-model's variables, every BN as x -> x + b.
+The spec has no `Hidden` entries: every hidden set is a stream. The layers, widths, strides,
+BatchNorms, activations, shortcuts and squeeze-excites are traced off the model
+(`structure.trace_baseline`); only what each block computes (the equations above) is
+restated here. `unfold` writes a form back into the same model's variables, every BN as
+x -> x + b. Forms and images are checked by the public functions (`families`), not here.
 """
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -58,165 +57,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qhnet import baselines
 from qhnet.symmetry import groups
-from qhnet.symmetry.inference import (HIGHEST, batch_norm, check_variables, compute_dtype,
-                                      identity_bn, read)
+from qhnet.symmetry.folding import (HIGHEST, batch_norm, check_variables, compute_dtype, dense,
+                                    identity_bn, read)
 from qhnet.symmetry.spec import Entry, GroupSpec, Stream
+from qhnet.symmetry.structure import BaselineStructure, Bottleneck, Layer
 
 
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """A conv or Dense with the BatchNorm after it (if any): x -> conv(x, W) + b once folded."""
-    path: str                  # the conv's module path: its key in the form
-    kind: str                  # 'conv', 'depthwise' (one kernel per channel) or 'dense'
-    n_in: int
-    n_out: int
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
-    own_bias: bool = False
-    bn: str = ''               # the BatchNorm's module path, '' for none
-
-
-@dataclasses.dataclass(frozen=True)
-class Bottleneck:
-    """ResNet: x -> relu(shortcut(x) + conv_3(relu(conv_2(relu(conv_1(x))))))."""
-    name: str
-    convs: tuple[Layer, Layer, Layer]
-    shortcut: Layer | None     # the projection, or None for the identity
-
-
-@dataclasses.dataclass(frozen=True)
-class InvertedResidual:
-    """MobileNetV3: expand, depthwise, squeeze-excite, project (module docstring)."""
-    name: str
-    activation: str            # the `jax.nn` function after the expansion and the depthwise conv
-    expand: Layer | None
-    depthwise: Layer
-    squeeze: tuple[Layer, Layer] | None   # the SE's fc1, fc2
-    project: Layer
-    residual: bool             # adds its input: the output has the input's shape
-
-
-@dataclasses.dataclass(frozen=True)
-class BaselineStructure:
-    """Everything about a baseline that its variables do not say; hashable (a jit static)."""
-    model: str                 # 'ResNet50' or 'MobileNetV3Large'
-    stem: Layer
-    blocks: tuple[Bottleneck, ...] | tuple[InvertedResidual, ...]
-    head: tuple[Layer, ...]    # after the blocks: ResNet (head,); MobileNet (last_conv, fc1, fc2)
-    epsilons: tuple[tuple[str, float], ...]
-    variable_shapes: tuple[tuple[str, tuple[int | None, ...]], ...]
-
-    def epsilon(self, path: str) -> float:
-        return dict(self.epsilons)[path]
-
-
-def layers(structure: BaselineStructure) -> tuple[Layer, ...]:
-    """Every layer of the form, in call order."""
-    found = [structure.stem]
-    for block in structure.blocks:
-        if isinstance(block, Bottleneck):
-            found += [*block.convs] + ([block.shortcut] if block.shortcut else [])
-        else:
-            found += ([block.expand] if block.expand else []) + [block.depthwise]
-            found += [*block.squeeze] if block.squeeze else []
-            found.append(block.project)
-    return tuple(found) + structure.head
-
-
-# The structure, traced.
-
-ACTIVATION_NAMES = {jax.nn.relu: 'relu', jax.nn.hard_swish: 'hard_swish'}
-
-
-def _as_pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _layers(calls: list[dict]) -> list[Layer]:
-    """The convs and Denses among `calls` (leaf module calls), each with the BatchNorm right
-    after it."""
-    found = []
-    for call in calls:
-        module, path, n_in = call['module'], call['path'], call['n_in']
-        if isinstance(module, nn.BatchNorm):
-            found[-1] = dataclasses.replace(found[-1], bn=path)
-        elif isinstance(module, nn.Conv):
-            if module.feature_group_count not in (1, n_in):
-                raise ValueError(f'{path}: grouped convs other than depthwise are not covered')
-            found.append(Layer(
-                path, 'depthwise' if module.feature_group_count > 1 else 'conv', n_in,
-                module.features, _as_pair(module.strides),
-                tuple(_as_pair(p) for p in module.padding), module.use_bias))
-        elif isinstance(module, nn.Dense):
-            found.append(Layer(path, 'dense', n_in, module.features, own_bias=module.use_bias))
-    return found
-
-
-def _inverted_residual(call: dict) -> InvertedResidual:
-    found = _layers(call['children'])
-    k = next(i for i, layer in enumerate(found) if layer.kind == 'depthwise')
-    squeeze = [c for c in call['children'] if c['children']]
-    activation = baselines._ACTIVATIONS[call['module'].activation]
-    return InvertedResidual(
-        name=call['path'], activation=ACTIVATION_NAMES[activation],
-        expand=found[k - 1] if k else None, depthwise=found[k],
-        squeeze=tuple(_layers(squeeze[0]['children'])) if squeeze else None,
-        project=found[k + 1], residual=call['in_shape'] == call['out_shape'])
-
-
-def trace_structure(model) -> BaselineStructure:
-    """The `BaselineStructure` of a ResNet50 or MobileNetV3Large module."""
-    if not isinstance(model, (baselines.ResNet50, baselines.MobileNetV3Large)):
-        raise ValueError(f'not a baseline: {type(model).__name__}')
-    root = {'children': []}
-    open_calls = [root]
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name != '__call__':
-            return next_fun(*args, **kwargs)
-        call = {'module': context.module, 'path': '/'.join(context.module.scope.path),
-                'n_in': args[0].shape[-1], 'in_shape': args[0].shape, 'children': []}
-        open_calls[-1]['children'].append(call)
-        open_calls.append(call)
-        try:
-            output = next_fun(*args, **kwargs)
-        finally:
-            open_calls.pop()
-        call['out_shape'] = output.shape
-        return output
-
-    images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    with nn.intercept_methods(record):
-        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
-    top = root['children'][0]['children']
-    outer = _layers(top)
-    block_calls = [call for call in top if call['children']]
-    if isinstance(model, baselines.ResNet50):
-        blocks = []
-        for call in block_calls:
-            found = _layers(call['children'])  # conv_1, conv_2, conv_3 [, projection]
-            blocks.append(Bottleneck(call['path'], tuple(found[:3]),
-                                     found[3] if len(found) == 4 else None))
-    else:
-        blocks = [_inverted_residual(call) for call in block_calls]
-
-    def batch_norms(calls):
-        for call in calls:
-            if isinstance(call['module'], nn.BatchNorm):
-                yield call['path'], float(call['module'].epsilon)
-            yield from batch_norms(call['children'])
-
-    stem_kernel = f'params/{outer[0].path}/kernel'
-    shapes = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        name = '/'.join(key.key for key in path)
-        shapes.append((name, leaf.shape[:2] + (None,) + leaf.shape[3:] if name == stem_kernel
-                       else leaf.shape))
-    return BaselineStructure(
-        model=type(model).__name__, stem=outer[0], blocks=tuple(blocks), head=tuple(outer[1:]),
-        epsilons=tuple(batch_norms(top)), variable_shapes=tuple(shapes))
+def form_keys(structure: BaselineStructure) -> dict[str, tuple[str, ...]]:
+    """The layers of the inference form, the stem first, and the arrays each holds."""
+    return {layer.path: ('kernel', 'bias') for layer in structure.layers()}
 
 
 # The spec.
@@ -242,9 +92,9 @@ def _gate(layer: Layer) -> list[Entry]:
             Entry((layer.path, 'bias'), 0, 'per_channel')]
 
 
-def group_spec(model) -> GroupSpec:
-    """The `GroupSpec` of a ResNet50 or MobileNetV3Large module (module docstring)."""
-    structure = trace_structure(model)
+def group_spec(structure: BaselineStructure, tie_identity_shortcuts: bool = False) -> GroupSpec:
+    """The `GroupSpec` of a ResNet50 or MobileNetV3Large (module docstring). Identity shortcuts
+    have no parameter and always tie their streams: `tie_identity_shortcuts` changes nothing."""
     streams = []
 
     def start(name, width, group, entries, blocks=()):
@@ -308,7 +158,7 @@ def fold(spec: GroupSpec, variables, dtype=np.float32) -> dict:
     structure = spec.structure
     check_variables(structure, variables)
     form = {}
-    for layer in layers(structure):
+    for layer in structure.layers():
         path = layer.path.split('/')
         kernel = read(variables, 'params', *path, 'kernel')
         bias = (read(variables, 'params', *path, 'bias') if layer.own_bias
@@ -322,7 +172,7 @@ def fold(spec: GroupSpec, variables, dtype=np.float32) -> dict:
 
 def _affine(layer: Layer, p: dict, x: jax.Array) -> jax.Array:
     if layer.kind == 'dense':
-        return jnp.dot(x, p['kernel'], precision=HIGHEST) + p['bias']
+        return dense(x, p['kernel']) + p['bias']
     return jax.lax.conv_general_dilated(
         x, p['kernel'], window_strides=layer.stride, padding=layer.padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -331,10 +181,7 @@ def _affine(layer: Layer, p: dict, x: jax.Array) -> jax.Array:
 
 
 def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
-    """Logits of a baseline's inference form on NHWC `images`, computed in the form's dtype.
-
-    Equals `model.apply(variables, images, train=False)` for `form = fold(spec, variables)`.
-    """
+    """Logits of a baseline's inference form on NHWC `images`, computed in the form's dtype."""
     dtype = compute_dtype(form)
     return _forward(spec.structure, jax.tree_util.tree_map(jnp.asarray, form),
                     jnp.asarray(images, dtype))
@@ -383,7 +230,7 @@ def unfold(spec: GroupSpec, form: dict, dtype=np.float32) -> dict:
     (and own bias) from the form, its BatchNorm x -> x + b (scale 1, mean 0, var 1 - eps)."""
     structure = spec.structure
     params, stats = {}, {}
-    for layer in layers(structure):
+    for layer in structure.layers():
         p = form[layer.path]
         if layer.bn:
             _put(params, layer.path, {'kernel': p['kernel']})

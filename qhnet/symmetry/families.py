@@ -1,0 +1,127 @@
+"""The public group spec, fold, forward pass and unfold, for every model family.
+
+`FAMILIES` maps the type of a traced structure (`structure.trace`) to the module of its
+family: each has `group_spec(structure, tie_identity_shortcuts)`, `fold`, `apply`, `unfold`
+and `form_keys`. This is the only place that tells the families apart. The functions here
+also check what every family's functions take on trust: that a form is one of the spec's
+model (`check_form`) and that images fit its stem (`check_images`).
+"""
+
+import jax
+import numpy as np
+
+from qhnet.symmetry import baseline_family, qhnet_family
+from qhnet.symmetry.folding import short_list
+from qhnet.symmetry.spec import GroupSpec
+from qhnet.symmetry.structure import BaselineStructure, Structure, trace
+
+FAMILIES = {Structure: qhnet_family, BaselineStructure: baseline_family}
+
+
+def family(structure):
+    """The module of `structure`'s model family (`FAMILIES`)."""
+    found = FAMILIES.get(type(structure))
+    if found is None:
+        raise ValueError(f'a spec\'s structure is one of {[t.__name__ for t in FAMILIES]}; got '
+                         f'{type(structure).__name__}: build the spec with group_spec(model)')
+    return found
+
+
+def group_spec(model, tie_identity_shortcuts: bool = False) -> GroupSpec:
+    """The `GroupSpec` of a QHNet or baseline module (or of the config `model` section that
+    builds one): its streams, their groups and its blocks' hidden symmetries.
+
+    `tie_identity_shortcuts=True` merges a QHNet's streams across its identity shortcuts, so
+    that elements of the spec can be written back into the Flax model (`unfold`). The
+    baselines' identity shortcuts always tie their streams: for them it changes nothing.
+    """
+    structure = trace(model)
+    return family(structure).group_spec(structure, tie_identity_shortcuts)
+
+
+def form_keys(structure) -> dict[str, tuple[str, ...]]:
+    """The layers of the model's inference form, the stem first, and the arrays each holds."""
+    return family(structure).form_keys(structure)
+
+
+def _difference(name: str, wanted, held) -> str | None:
+    """'<name> lacks a, b and has c, which the spec's model has not', or None if they agree."""
+    lacks, extra = [k for k in wanted if k not in held], [k for k in held if k not in wanted]
+    parts = ([f'lacks {short_list(lacks)}'] if lacks else []) + (
+        [f'has {short_list(extra)}, which the spec\'s model has not'] if extra else [])
+    return f'{name} {" and ".join(parts)}' if parts else None
+
+
+def _form_mismatch(spec: GroupSpec, form) -> str | None:
+    """The first way in which `form` differs from an inference form of `spec`'s model, or None."""
+    expected = form_keys(spec.structure)
+    if not hasattr(form, 'keys'):
+        return f'a form is a dict of layers, as `fold` returns; got {type(form).__name__}'
+    problem = _difference('the form', list(expected), list(form))
+    for layer, keys in expected.items():  # once the layers agree, their arrays
+        problem = problem or _difference(
+            layer, keys, list(form[layer]) if hasattr(form[layer], 'keys') else [])
+    if problem:
+        return problem
+    for stream in spec.streams:
+        for e in stream.entries:
+            shape, size = np.shape(form[e.path[0]][e.path[1]]), stream.width * e.repeat
+            if len(shape) <= e.axis or shape[e.axis] != size:
+                return (f'{"/".join(e.path)} has shape {shape}, but stream {stream.name!r} needs '
+                        f'{size} channels on axis {e.axis}')
+    return None
+
+
+def check_form(spec: GroupSpec, form) -> None:
+    """That `form` is an inference form of `spec`'s model: the same layers, the arrays of each
+    (`form_keys`), and on every axis a stream acts on, the stream's width. A ValueError names
+    the first mismatch."""
+    problem = _form_mismatch(spec, form)
+    if problem:
+        raise ValueError(f'the form does not match the spec: {problem}; fold the variables '
+                         "with this model's spec: form = fold(spec, variables)")
+
+
+def check_images(spec: GroupSpec, form, images) -> None:
+    """That `images` is a batch of at least one NHWC image with the channels the form's stem
+    kernel reads (any height and width)."""
+    kernel = np.shape(form[next(iter(form_keys(spec.structure)))]['kernel'])
+    shape, channels = tuple(np.shape(images)), kernel[2]
+    if len(shape) != 4 or 0 in shape or shape[-1] != channels:
+        raise ValueError(f'images must be an NHWC batch of shape (N, H, W, {channels}) with '
+                         f'N, H, W >= 1 and {channels} the input channels of the stem kernel '
+                         f'{kernel}; got shape {shape}')
+
+
+def fold(spec: GroupSpec, variables, dtype=np.float32) -> dict:
+    """The inference form (nested dicts of numpy arrays of `dtype`) of a model's variables:
+    every BatchNorm folded into its neighbours (`qhnet_family`, `baseline_family`).
+
+    `spec` = `group_spec(model)`; `variables` = {'params', 'batch_stats'} as `model.init` or
+    training returns them. Variables that are not exactly the model's are refused.
+    """
+    return family(spec.structure).fold(spec, variables, dtype)
+
+
+def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
+    """Logits of the inference form on NHWC `images`, computed in the form's dtype.
+
+    Equals `model.apply(variables, images, train=False)` for `form = fold(spec, variables)`.
+    Refuses a form of another model (`check_form`) and images of the wrong shape
+    (`check_images`).
+    """
+    check_form(spec, form)
+    check_images(spec, form, images)
+    return family(spec.structure).apply(spec, form, images)
+
+
+def unfold(spec: GroupSpec, form: dict, dtype=np.float32) -> dict:
+    """Variables of the Flax model that compute the form's function, every BN as x -> x + bias
+    (scale 1, mean 0, var 1 - eps): for a QHNet, of the model with `mixing=True`.
+
+    Refuses a form of another model (`check_form`) and, for a QHNet, one that changes basis
+    across an identity shortcut, which the Flax model has no parameter for: sample from
+    `group_spec(model, tie_identity_shortcuts=True)` to avoid them.
+    """
+    check_form(spec, form)
+    return family(spec.structure).unfold(spec, form, dtype)
