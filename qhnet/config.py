@@ -159,7 +159,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         return
     if variant == 'fashion_mnist':
         # Chosen by experiments/fashion_mnist_sweep.py (with the earlier activation
-        # placement) to pass 92% test accuracy on 2 CPU cores; measured figures: README.
+        # placement; 4 epochs there, 5 here so that every seed passes 92% test accuracy
+        # on 2 CPU cores); measured figures: README.
         config.data.name = 'fashion_mnist'
         config.data.image_size = 28
         config.data.augment = False
@@ -172,7 +173,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.model.num_classes = 10
         config.batch_size = 64
         config.eval_batch_size = 500
-        config.num_epochs = 4
+        config.num_epochs = 5
         config.optimizer.base_lr = 0.8
         config.optimizer.reference_batch_size = 64
         config.optimizer.warmup_epochs = 0.3
