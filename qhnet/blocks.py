@@ -17,6 +17,10 @@ Optional mixing maps (`mixing=True`, identity at initialisation) make every bloc
 closed under the channel-mixing group (docs/design.md, 'Streams and groups'): E = `mix_in` before K
 (Eqs. 3, 5, and 4 without weight sharing) or on the bare `u` factor (Eqs. 6, 7),
 and `mix_out` after the product on the output side (Eqs. 4, 5).
+
+A sliced Eq. (3) block (`qhnet.symmetry.slicing`) reads a stream of k < n channels:
+`hidden` = n keeps the product's n*m channels, E = `mix_in` is then k x n, and `radius`
+keeps the activation's radius at the unsliced width.
 """
 
 from typing import Callable
@@ -66,12 +70,18 @@ class QuasiLinearBlock(nn.Module):
     activation: str = 'identity'
     dtype: jnp.dtype = jnp.float32
     derivative_impl: str = DEFAULT_IMPL  # how K is computed (qhnet.derivative); same params and results
+    hidden: int | None = None    # Eq. (3): n, the channels j of the product; None: u's channels
+    radius: float | None = None  # of a ball activation; None: sqrt(features)
 
     @nn.compact
     def __call__(self, u: jax.Array, train: bool = False) -> jax.Array:
+        if self.hidden not in (None, u.shape[-1]) and not (self.equation == 3 and self.mixing):
+            raise ValueError(f'a block reading {u.shape[-1]} stream channels with hidden width '
+                             f'{self.hidden} needs Eq. (3) with mixing=True (its k x n map E); '
+                             f'got Eq. ({self.equation}), mixing={self.mixing}')
         update = {3: self.eq3, 4: self.eq4, 5: self.eq5, 6: self.eq6, 7: self.eq7}[self.equation]
         y = self.shortcut(u, train) + update(u, train)
-        return activations.get(self.activation)(y)
+        return activations.get(self.activation, self.radius)(y)
 
     # Building blocks shared by the equations.
 
@@ -87,12 +97,13 @@ class QuasiLinearBlock(nn.Module):
         return Derivative(self.multiplier, shared=self.weight_sharing, expand=expand, stride=stride,
                           dtype=self.dtype, impl=self.derivative_impl, name='derivative')
 
-    def mix(self, x: jax.Array, name: str) -> jax.Array:
-        """A mixing map (n x n, identity at init) when `mixing` is on; otherwise nothing."""
+    def mix(self, x: jax.Array, name: str, features: int | None = None) -> jax.Array:
+        """A mixing map (n x features, features = n unless given; the identity, or its first
+        rows, at init) when `mixing` is on; otherwise nothing."""
         if not self.mixing:
             return x
-        return nn.Dense(x.shape[-1], use_bias=False, kernel_init=identity_init, dtype=self.dtype,
-                        name=name)(x)
+        return nn.Dense(features or x.shape[-1], use_bias=False, kernel_init=identity_init,
+                        dtype=self.dtype, name=name)(x)
 
     def shortcut(self, u: jax.Array, train: bool) -> jax.Array:
         if self.stride == 1 and u.shape[-1] == self.features:
@@ -110,12 +121,13 @@ class QuasiLinearBlock(nn.Module):
 
             q(u) = BN_o(A [ (C u) * BN_d(K E u) ]),   C: n -> mn,  A: mn -> n'
 
-        Coefficient channel (j, k) multiplies derivative k of channel j.
+        Coefficient channel (j, k) multiplies derivative k of channel j; a sliced block
+        reads k stream channels into n = `hidden` channels j (E: k x n).
         """
-        n, m = u.shape[-1], self.multiplier
+        n, m = self.hidden or u.shape[-1], self.multiplier
         coef = self.conv1x1(m * n, 'coef', self.stride)(u)
         derivative = self.batch_norm(train, 'derivative_bn')(
-            self.derivative(self.stride)(self.mix(u, 'mix_in')))
+            self.derivative(self.stride)(self.mix(u, 'mix_in', n)))
         return self.output_norm(self.conv1x1(self.features, 'combine')(coef * derivative), train)
 
     def eq4(self, u: jax.Array, train: bool) -> jax.Array:

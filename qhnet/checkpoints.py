@@ -37,6 +37,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
+from qhnet import config as qhnet_config
+
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
 ABANDONED_DIR = 'abandoned_checkpoints'  # checkpoints a walk-back rollback went past
@@ -59,8 +61,9 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """The inverse of `config_to_json`, with lists turned back into tuples."""
-
+    """The inverse of `config_to_json`, with lists turned back into tuples. Keys added to
+    the config schema after the checkpoint was written get their default (all None: they
+    leave an older run's function as it was)."""
     def tuples(value):
         if isinstance(value, Mapping):
             return {key: tuples(item) for key, item in value.items()}
@@ -68,7 +71,16 @@ def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
             return tuple(tuples(item) for item in value)
         return value
 
-    return ml_collections.ConfigDict(tuples(data))
+    def with_new_keys(stored: dict, schema: ml_collections.ConfigDict) -> dict:
+        for key in schema.keys():
+            if key not in stored and schema[key] is None:
+                stored[key] = None
+            elif isinstance(stored.get(key), dict) and isinstance(schema[key],
+                                                                  ml_collections.ConfigDict):
+                with_new_keys(stored[key], schema[key])
+        return stored
+
+    return ml_collections.ConfigDict(with_new_keys(tuples(data), qhnet_config.get_config()))
 
 
 class _DropReadOnlyNotices(std_logging.Filter):

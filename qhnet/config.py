@@ -62,6 +62,9 @@ def model_config() -> ml_collections.ConfigDict:
         # QHNet only. XLA program for the derivative operator K: 'grouped', 'folded'
         # or 'stencil' (qhnet.derivative); same parameters and results, different speed.
         derivative_impl='stencil',
+        # QHNet, Eq. (3) with mixing only: each stage's residual-stream width, when it is
+        # narrower than `widths` (a model sliced by `python -m qhnet.symmetry slice`).
+        stream_widths=config_dict.placeholder(tuple),
     ))
 
 
@@ -101,6 +104,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model = model_config()
     config.data = data_config()
     config.seed = 0
+    # A workdir whose newest checkpoint's variables start this run (a fresh optimizer at
+    # step 0; e.g. a sliced model's, to fine-tune it); None: a random initialisation. Only
+    # read when --workdir holds no checkpoint yet.
+    config.init_from = config_dict.placeholder(str)
 
     # Global batch (all devices, all hosts); must divide evenly over the devices.
     config.batch_size = 192

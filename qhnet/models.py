@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from qhnet import activations, baselines, config
 from qhnet.blocks import CONV_INIT, EQUATIONS, QuasiLinearBlock
@@ -67,6 +68,12 @@ class QHNet(nn.Module):
     each block's activations in the backward pass (`nn.remat`: less memory, more compute);
     `derivative_impl` picks K's XLA program (`qhnet.derivative.IMPLEMENTATIONS`). Neither
     changes the parameters or the function.
+
+    `stream_widths` (a sliced model, `qhnet.symmetry.slicing`; Eq. (3) with mixing maps):
+    the residual stream of stage s, the stem's for stage 1, has `stream_widths[s]` channels
+    instead of `widths[s]`. `widths` stay the hidden widths: a block's product keeps its
+    `multiplier * widths` channels (`QuasiLinearBlock.hidden`, read through a rectangular
+    E), and the ball activations keep the radius sqrt(widths[s]).
     """
     equation: int = 3
     activation: str = 'softball'
@@ -81,16 +88,19 @@ class QHNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     derivative_impl: str = DEFAULT_IMPL
+    stream_widths: Sequence[int] | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         block = nn.remat(QuasiLinearBlock, static_argnums=(2,)) if self.remat else QuasiLinearBlock
+        sliced = self.stream_widths is not None
+        streams = tuple(self.stream_widths) if sliced else tuple(self.widths)
         x = images.astype(self.dtype)
         if self.stem == 'imagenet':
-            x = nn.Conv(self.widths[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
+            x = nn.Conv(streams[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
                         kernel_init=CONV_INIT, dtype=self.dtype, name='stem_conv')(x)
         else:
-            x = Conv3x3Patches(self.widths[0], dtype=self.dtype, name='stem_conv')(x)
+            x = Conv3x3Patches(streams[0], dtype=self.dtype, name='stem_conv')(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name='stem_bn')(x)
         x = nn.relu(x)
@@ -102,8 +112,9 @@ class QHNet(nn.Module):
                 downsamples = stage > 0 and index == 0
                 carries_activation = (self.placement == 'all' or downsamples
                                       or (stage, index) == last)
+                hidden = self.widths[stage - 1] if downsamples else width
                 x = block(
-                    features=width,
+                    features=streams[stage],
                     equation=self.equation,
                     multiplier=self.multiplier,
                     weight_sharing=self.weight_sharing,
@@ -112,6 +123,8 @@ class QHNet(nn.Module):
                     activation=self.activation if carries_activation else 'identity',
                     dtype=self.dtype,
                     derivative_impl=self.derivative_impl,
+                    hidden=hidden if sliced else None,
+                    radius=float(np.sqrt(width)) if sliced else None,
                     name=f'stage{stage + 1}_block{index + 1}')(x, train)
         pooled = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(pooled)
@@ -152,6 +165,17 @@ def validate(model_config: ml_collections.ConfigDict) -> None:
     multiplier = model_config.multiplier
     if not (isinstance(multiplier, int) and multiplier > 0):
         raise ValueError(f'model.multiplier must be a positive integer, got {multiplier!r}')
+    if model_config.stream_widths is not None:
+        streams = tuple(model_config.stream_widths)
+        if len(streams) != len(widths) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n
+                for k, n in zip(streams, widths)):
+            raise ValueError(f'model.stream_widths {streams} must give each of the {len(widths)} '
+                             f'stages a width between 1 and its model.widths {widths}, or be None')
+        if model_config.equation != 3 or not model_config.mixing:
+            raise ValueError('model.stream_widths (a sliced model) needs model.equation=3 and '
+                             f'model.mixing=True; got equation {model_config.equation}, mixing '
+                             f'{model_config.mixing}')
     if model_config.equation == 5:
         for n, n_out in zip(widths, widths[1:]):
             if n_out % n or multiplier % (n_out // n):
@@ -181,4 +205,6 @@ def build(model_config: ml_collections.ConfigDict) -> nn.Module:
         num_classes=model_config.num_classes,
         dtype=dtype,
         remat=model_config.remat,
-        derivative_impl=model_config.derivative_impl)
+        derivative_impl=model_config.derivative_impl,
+        stream_widths=(None if model_config.stream_widths is None
+                       else tuple(model_config.stream_widths)))

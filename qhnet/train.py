@@ -139,6 +139,9 @@ def validate_config(config: ml_collections.ConfigDict) -> data.Dataset:
     _check_number(config, 'breakdown.max_retries', low=0, integer=True)
     if not isinstance(config.optimizer.nesterov, bool):
         _fail(f'config.optimizer.nesterov must be True or False, got {config.optimizer.nesterov!r}')
+    if config.init_from is not None and not checkpoints.has_checkpoints(config.init_from):
+        _fail(f'config.init_from={config.init_from} holds no checkpoints; point it at a workdir '
+              'of qhnet.main or of `python -m qhnet.symmetry slice`, or leave it unset')
     devices = jax.device_count()
     for path in ('batch_size', 'eval_batch_size'):
         if config[path] % devices:
@@ -489,6 +492,13 @@ def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
+def _flat(tree) -> dict[str, Any]:
+    """'a/b/c' -> leaf of a nested dict."""
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(
+                tree, is_leaf=lambda x: isinstance(x, tuple))[0]}
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Raises IncompatibleWorkdirError if `workdir` holds a checkpoint of a different
     model or dataset. Reads only."""
@@ -613,11 +623,32 @@ class _TrainingRun:
                               warning=False)
             return state
         state = jax.jit(self._create_state, out_shardings=self.replicated)(self.init_rng)
+        if self.config.init_from is not None:
+            state = self._initialised_from(state, self.config.init_from)
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         logging.info('Initialised %s (%s parameters); saving step 0 as the first rollback target.',
                      self.config.model.name, f'{num_params:,}')
         self._save(state, 0)  # a workdir that cannot hold checkpoints fails here, before training
         return state
+
+    def _initialised_from(self, state: TrainState, workdir: str) -> TrainState:
+        """`state` with the variables of the newest checkpoint in `workdir` (config.init_from),
+        which must be exactly this model's."""
+        step, _, variables = restore_variables(workdir)
+        ours = jax.tree.map(lambda x: (x.shape, str(x.dtype)), state.variables())
+        theirs = jax.tree.map(lambda x: (x.shape, str(x.dtype)), variables)
+        if ours != theirs:
+            differences = [f'{name}: {shape}' for name, shape in _flat(theirs).items()
+                           if _flat(ours).get(name) != shape][:3]
+            missing = [name for name in _flat(ours) if name not in _flat(theirs)][:3]
+            raise ConfigError(
+                f'config.init_from={workdir} (step {step}) holds variables of another model '
+                f'(differing: {differences or missing}); pass the config that model was written '
+                f'with (a sliced model\'s is <output_workdir>/config.py)')
+        variables = replicate(variables, self.replicated)
+        logging.info('Variables from step %d of %s (config.init_from); a fresh optimizer.', step,
+                     workdir)
+        return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
     # Data.
 

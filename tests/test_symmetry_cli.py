@@ -4,6 +4,7 @@ refused with one line and no traceback."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,3 +159,77 @@ def test_bad_input_is_refused_with_one_line(workdir, tmp_path, case):
     flags, *says = BAD_INPUT[case]
     line = error_line(run_cli('verify', *flags(workdir, tmp_path)))
     assert all(part in line for part in says), line
+
+
+# slice
+
+def test_slice_writes_a_model_that_evaluates_and_fine_tunes(workdir, tmp_path):
+    output = str(tmp_path / 'sliced')
+    result = run_cli('slice', f'--workdir={workdir}', '--keep=0.5', '--calibration_images=128',
+                     f'--output_workdir={output}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'fine-tune it with' in result.stdout
+    with open(os.path.join(output, 'slice.json')) as f:
+        summary = json.load(f)
+    assert summary['stream_widths'] == [8, 16] and summary['step'] == 20
+    assert summary['params_after'] < summary['params_before']
+    before = train.evaluate(*train.restore_variables(workdir)[1:])['top1']
+    assert summary['top1_before'] == before and 0 <= summary['top1_after'] <= 1
+    for stream in summary['streams']:
+        assert stream['kept'] == stream['width'] // 2
+        assert 0 < stream['explained_variance'] <= 1
+        assert 0 < stream['flops_after'] < stream['flops_before']
+    _, config, _ = train.restore_variables(output)
+    assert tuple(config.model.stream_widths) == (8, 16) and config.model.mixing
+    finetune = subprocess.run(
+        [sys.executable, '-m', 'qhnet.main', f'--config={output}/config.py',
+         f'--workdir={output}/finetune', '--config.num_train_steps=10',
+         '--config.checkpoint.every_steps=10', '--config.progress_bar=False'],
+        cwd=ROOT, text=True, capture_output=True, timeout=600,
+        env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    assert f'Variables from step 20 of {output} (config.init_from)' in finetune.stderr
+    with open(os.path.join(output, 'finetune', 'summary.json')) as f:
+        tuned = json.load(f)
+    assert tuned['steps'] == 10 and tuned['model']['stream_widths'] == [8, 16]
+    assert 0 <= tuned['test_top1'] <= 1
+
+
+def test_slice_keep_one_evaluates_the_same(workdir, tmp_path):
+    output = str(tmp_path / 'whole')
+    result = run_cli('slice', f'--workdir={workdir}', '--keep=1', '--calibration_images=64',
+                     f'--output_workdir={output}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(output, 'slice.json')) as f:
+        summary = json.load(f)
+    assert summary['top1_after'] == summary['top1_before']
+    assert [s['explained_variance'] for s in summary['streams']] == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--keep=0', r'--keep=0 is the fraction of each stream to keep; pass a number in \(0, 1\]'),
+    ('--calibration_images=0', 'slicing needs training images'),
+    ('--method=pca', 'value should be one of'),
+])
+def test_slice_bad_input_is_refused(workdir, tmp_path, flag, message):
+    result = run_cli('slice', f'--workdir={workdir}', flag,
+                     f'--output_workdir={tmp_path / "out"}')
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / 'out' / 'slice.json')
+
+
+def test_init_from_a_workdir_without_checkpoints_is_refused(tmp_path):
+    config = qhnet_config.row_config('eq3_softball', 'digits')
+    config.init_from = str(tmp_path / 'nothing')
+    with pytest.raises(train.ConfigError, match='init_from=.* holds no checkpoints'):
+        train.validate_config(config)
+
+
+def test_init_from_another_model_is_refused(workdir, tmp_path):
+    config = qhnet_config.row_config('eq3_softball', 'digits')
+    config.model.widths = (16, 64)
+    config.init_from = workdir
+    config.progress_bar = False
+    with pytest.raises(train.ConfigError, match=r'holds variables of another model'):
+        train.train_and_evaluate(config, str(tmp_path / 'run'))

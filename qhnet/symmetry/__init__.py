@@ -14,7 +14,8 @@ channels and GL(n) on MobileNet's linear bottlenecks (`qhnet.symmetry.baseline_f
                                               #  'invariant'}
     variables = unfold(spec, moved)           # back to the Flax model with mixing=True
 
-Command line: `python -m qhnet.symmetry verify --workdir=DIR` (see `__main__`).
+Command line: `python -m qhnet.symmetry verify --workdir=DIR`, `python -m qhnet.symmetry
+slice --workdir=DIR --keep=0.75 --output_workdir=OUT` (see `__main__`).
 
 The modules form a chain: each imports only modules above it, and the two families not each
 other (tests/test_symmetry.py, `test_imports_form_a_chain`).
@@ -27,6 +28,7 @@ other (tests/test_symmetry.py, `test_imports_form_a_chain`).
     families.py         FAMILIES, structure type -> family; the public group_spec, fold, apply,
                         unfold and the form checks, which look the family up there
     action.py           group elements: sample, act, inverse, condition, verify
+    slicing.py          streams rotated to their principal axes and cut (Eq. (3) models)
     __init__.py         this public API
     __main__.py         the command line
 

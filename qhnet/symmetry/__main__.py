@@ -1,4 +1,5 @@
-"""Checks the symmetry on a trained checkpoint and writes a transformed copy of the model.
+"""Checks the symmetry on a trained checkpoint and writes a transformed copy of the model;
+slices a trained model through its group.
 
   python -m qhnet.symmetry verify --workdir=DIR [--output_workdir=DIR/transformed] [--cond=10]
 
@@ -29,6 +30,23 @@ missing or empty --workdir, one that is not a directory or holds no readable che
 an --output_workdir that is --workdir or holds checkpoints of other steps, --num_images < 1,
 --cond outside [1, MAX_CONDITION], and a model whose logits on the test images are not
 finite.
+
+  python -m qhnet.symmetry slice --workdir=DIR --keep=0.75 [--calibration_images=512]
+      [--method=rotate] --output_workdir=OUT
+
+slices the newest checkpoint of --workdir (`qhnet.symmetry.slicing`): every stream rotated
+to the principal axes of its second moment on the first --calibration_images training
+images and cut to round(keep * width) channels (--keep, a fraction of each stream). It
+writes OUT as a workdir: a checkpoint of the sliced model (variables and config; evaluate
+it, fold it, verify it), OUT/config.py, a config file that fine-tunes it,
+
+  python -m qhnet.main --config=OUT/config.py --workdir=OUT/finetune --config.num_epochs=1
+
+and OUT/slice.json: params_before, params_after, top1_before, top1_after (test split) and,
+per stream, its width, the kept width, the explained variance and the FLOPs per image of
+the arrays it names, before and after. It refuses, as `verify` does, a bad --workdir or
+--output_workdir, and a --keep outside (0, 1], an unknown --method, --calibration_images
+< 1 and a model other than Eq. (3).
 """
 
 import json
@@ -43,6 +61,7 @@ import orbax.checkpoint as ocp
 
 from qhnet import allocator, checkpoints, data, models, train
 from qhnet import symmetry
+from qhnet.symmetry import slicing
 from qhnet.symmetry.action import MAX_CONDITION
 from qhnet.symmetry.folding import leaves
 
@@ -54,6 +73,11 @@ flags.DEFINE_integer('seed', 0, 'Seed of the random group elements.')
 flags.DEFINE_float('cond', 10.0, 'Condition number of the GL and scaled-permutation elements '
                    'and of the hidden-channel scales.')
 flags.DEFINE_integer('num_images', 256, 'Test images on which the logits are compared.')
+flags.DEFINE_float('keep', 0.75, 'slice: the fraction of each stream\'s channels kept.')
+flags.DEFINE_integer('calibration_images', 512, 'slice: training images whose stream moments '
+                     'choose the directions kept.')
+flags.DEFINE_enum('method', 'rotate', slicing.METHODS, 'slice: rotate to the principal axes '
+                  '(where the group allows), select channels by variance, or by weight norm.')
 
 FORM_DIR = 'full_group_form'
 
@@ -162,11 +186,104 @@ def run(workdir: str, output_workdir: str) -> dict:
     }
 
 
+def calibration_images(dataset: data.Dataset, count: int) -> np.ndarray:
+    """The first `count` training images, unaugmented and normalised."""
+    batch = next(dataset.batches('train', batch_size=count, seed=0, train=False))
+    return np.asarray(data.normalise(batch['image'][batch['mask'] > 0], dataset.info))
+
+
+FINETUNE_CONFIG = '''"""The model sliced from {workdir} (step {step}) by `python -m qhnet.symmetry slice`
+--keep={keep:g} --method={method}. Fine-tune it (config.init_from starts from its variables):
+
+  python -m qhnet.main --config={output}/config.py --workdir={output}/finetune --config.num_epochs=1
+"""
+
+import json
+import os
+
+from qhnet import checkpoints
+
+
+def get_config():
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
+        return checkpoints.config_from_json(json.load(f))
+'''
+
+
+def run_slice(workdir: str, output_workdir: str) -> dict:
+    if not 0 < FLAGS.keep <= 1:
+        raise CommandError(f'--keep={FLAGS.keep:g} is the fraction of each stream to keep; pass '
+                           'a number in (0, 1]')
+    if FLAGS.calibration_images < 1:
+        raise CommandError(f'--calibration_images={FLAGS.calibration_images}: slicing needs '
+                           'training images; pass --calibration_images=N with N >= 1')
+    step, config, variables = restore(workdir)
+    check_output(workdir, output_workdir, step)
+    if config.model.name != 'qhnet' or config.model.equation != 3:
+        raise CommandError(f'slicing covers QHNets of Eq. (3) for now; {workdir} holds a '
+                           f'{config.model.name} (equation {config.model.equation}); slice an '
+                           'Eq. (3) model (configs/eq3_*.py)')
+    dataset = data.open_dataset(config.data)
+    images = calibration_images(dataset, FLAGS.calibration_images)
+    sliced = slicing.slice_variables(config, variables, images, FLAGS.keep, FLAGS.method)
+    output = os.path.abspath(output_workdir)
+    store = checkpoints.CheckpointStore(output)
+    try:
+        store.save(step, sliced.variables, {'step': np.asarray(step)}, sliced.config)
+    finally:
+        store.close()
+    finetune = sliced.config.copy_and_resolve_references()
+    finetune.init_from = output
+    with open(os.path.join(output, 'config.json'), 'w') as f:
+        json.dump(checkpoints.config_to_json(finetune), f, indent=2)
+    with open(os.path.join(output, 'config.py'), 'w') as f:
+        f.write(FINETUNE_CONFIG.format(workdir=os.path.abspath(workdir), step=step,
+                                       keep=FLAGS.keep, method=FLAGS.method, output=output))
+    _, reloaded_config, reloaded = train.restore_variables(output)  # what was written
+    return {
+        'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
+        'keep': FLAGS.keep, 'method': FLAGS.method, 'calibration_images': int(len(images)),
+        'stream_widths': list(sliced.config.model.stream_widths),
+        'params_before': slicing.count_params(variables),
+        'params_after': slicing.count_params(reloaded),
+        'top1_before': train.evaluate(config, variables, dataset=dataset)['top1'],
+        'top1_after': train.evaluate(reloaded_config, reloaded, dataset=dataset)['top1'],
+        'streams': [dict(name=s.name, group=s.group, width=s.width, kept=s.kept,
+                         rotated=s.rotated, explained_variance=s.explained_variance,
+                         flops_before=2 * s.macs_before, flops_after=2 * s.macs_after)
+                    for s in sliced.streams],
+    }
+
+
+def main_slice() -> None:
+    try:
+        output_workdir = FLAGS.output_workdir or os.path.join(
+            FLAGS.workdir or '', f'sliced_{FLAGS.method}_{FLAGS.keep:g}')
+        summary = run_slice(FLAGS.workdir, output_workdir)
+    except CommandError as error:
+        sys.exit(f'error: {error}')
+    with open(os.path.join(output_workdir, 'slice.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    for s in summary['streams']:
+        print(f'{s["name"]:>16}: {s["kept"]:>4} of {s["width"]:>4} channels '
+              f'({"rotated" if s["rotated"] else "selected"}), explained variance '
+              f'{s["explained_variance"]:.4f}, MFLOPs per image {s["flops_before"] / 1e6:.2f} -> '
+              f'{s["flops_after"] / 1e6:.2f}')
+    print(f'parameters {summary["params_before"]:,} -> {summary["params_after"]:,}; test top-1 '
+          f'{summary["top1_before"]:.4f} -> {summary["top1_after"]:.4f}')
+    print(f'wrote the sliced model to {output_workdir}; fine-tune it with\n  python -m qhnet.main '
+          f'--config={os.path.abspath(output_workdir)}/config.py '
+          f'--workdir={os.path.abspath(output_workdir)}/finetune --config.num_epochs=1')
+
+
 def main(argv: list[str]) -> None:
-    if argv[1:] != ['verify']:
-        raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR; '
-                             f'got {argv[1:]}')
+    if argv[1:] not in (['verify'], ['slice']):
+        raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR, or '
+                             'python -m qhnet.symmetry slice --workdir=DIR --keep=0.75 '
+                             f'--output_workdir=OUT; got {argv[1:]}')
     allocator.reuse_freed_memory()  # before JAX's backend starts its threads
+    if argv[1] == 'slice':
+        return main_slice()
     try:
         if FLAGS.num_images < 1:
             raise CommandError(f'--num_images={FLAGS.num_images}: the check needs test images; '

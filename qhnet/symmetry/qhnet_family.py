@@ -57,6 +57,8 @@ float64) and casts the result to `dtype` once. `apply` is the pure forward pass 
 images are checked by the public functions (`families`), not here.
 """
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -116,7 +118,7 @@ def _stream_entries(structure: Structure, block: Block) -> tuple[list[Entry], li
 
 def _hidden(structure: Structure, block: Block) -> Hidden:
     """The permutations and scalings of one block's product channels (module docstring)."""
-    name, eq, n, m = block.name, structure.equation, block.n_in, structure.multiplier
+    name, eq, n, m = block.name, structure.equation, block.hidden, structure.multiplier
     if eq == 4:  # q = [ (C u) * ((K u + d) A) ] E_out: product channel i is column i of C and A
         return Hidden(name, block.n_out, block.n_out, (
             HiddenEntry((name, 'coef'), 1, 1), HiddenEntry((name, 'combine'), 1, -1),
@@ -262,23 +264,35 @@ def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> 
     return dense(derivative(product), p['combine']) + p['out_bias']
 
 
-def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
-    """Logits of a QHNet's inference form on NHWC `images`, computed in the form's dtype."""
-    structure = spec.structure
-    dtype = compute_dtype(form)
-    form = jax.tree_util.tree_map(jnp.asarray, form)
+def forward(structure: Structure, form: dict, images: jax.Array,
+            read: Callable[[int, jax.Array], None] | None = None) -> jax.Array:
+    """The last block's output (before pooling) of a form of JAX arrays on `images` (in the
+    dtype to compute in). `read(i, x)`, if given, sees the input x of block i and, for i = the number
+    of blocks, the last output: everything a stream is read as."""
     x = jax.lax.conv_general_dilated(
-        jnp.asarray(images, dtype), form['stem']['kernel'], window_strides=structure.stem_stride,
+        images, form['stem']['kernel'], window_strides=structure.stem_stride,
         padding=structure.stem_padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         precision=HIGHEST)
     x = nn.relu(x + form['stem']['bias'])
     if structure.stem_pool:
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for block in structure.blocks:
+    for index, block in enumerate(structure.blocks):
+        if read:
+            read(index, x)
         p = form[block.name]
         shortcut = dense(x[:, ::block.stride, ::block.stride], p['shortcut']) + p['shortcut_bias']
-        x = activations.get(block.activation)(shortcut + _block_update(structure, block, p, x))
-    pooled = jnp.mean(x, axis=(1, 2))
+        x = activations.get(block.activation, block.radius)(
+            shortcut + _block_update(structure, block, p, x))
+    if read:
+        read(len(structure.blocks), x)
+    return x
+
+
+def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
+    """Logits of a QHNet's inference form on NHWC `images`, computed in the form's dtype."""
+    dtype = compute_dtype(form)
+    form = jax.tree_util.tree_map(jnp.asarray, form)
+    pooled = jnp.mean(forward(spec.structure, form, jnp.asarray(images, dtype)), axis=(1, 2))
     return dense(pooled, form['head']['kernel']) + form['head']['bias']
 
 

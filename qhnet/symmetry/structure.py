@@ -38,6 +38,8 @@ class Block:
     carries_activation: bool  # ends with the model's activation ('ds': downsampling, or last)
     activation: str           # the model's activation if it carries it, else 'identity'
     projection: bool          # shortcut = BN(1x1 conv); otherwise the parameter-free identity
+    hidden: int = 0           # n, the channels j of the product (n_in unless sliced)
+    radius: float = 0.0       # of a ball activation: sqrt(n_out) unless sliced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,9 @@ def trace_qhnet(model: models.QHNet) -> Structure:
                 blocks.append(Block(
                     name=path, n_in=n_in, n_out=module.features, stride=module.stride,
                     carries_activation=module.activation != 'identity', activation='',
-                    projection=not (module.stride == 1 and n_in == module.features)))
+                    projection=not (module.stride == 1 and n_in == module.features),
+                    hidden=module.hidden or n_in,
+                    radius=module.radius or float(module.features) ** 0.5))
             elif isinstance(module, nn.BatchNorm):
                 epsilons.append((path, float(module.epsilon)))
             elif path == 'stem_conv':

@@ -1,0 +1,183 @@
+"""Slicing through the group against channel pruning, on the Fashion-MNIST main model.
+
+    python -m experiments.slicing --workdirs W0 W1 [--identity_workdirs I0 I1] \
+        [--removed 0 0.1 0.2 0.3 0.4 0.5 0.6] [--finetune_removed 0.3 0.5] [--finetune_epochs 1]
+
+For each trained workdir (`python -m qhnet.main --config=configs/eq3_softball.py:fashion_mnist`,
+one per seed; `--identity_workdirs`: the same with `--config.model.activation=identity`, GL
+streams), it calibrates on the first 512 training images (`qhnet.symmetry.slicing`) and,
+for each fraction of the parameters to remove, finds the largest `keep` (the same fraction
+of every stream) that removes at least that much, slices with each method
+
+    rotate     rotate each O(n)/GL(n) stream to its principal axes, then delete
+    select     (a) the same deletion without rotation: the channels of largest variance
+    magnitude  (b) the channels whose weights have the largest L2 norm
+
+(the same kept widths for all three, so the same parameter count), and evaluates test top-1
+without fine-tuning. At `--finetune_removed` it fine-tunes 'rotate' and 'select' for
+`--finetune_epochs` with the training loop (`config.init_from`). Writes
+experiments/slicing.md, slicing.json and slicing.png (top-1 against the fraction of
+parameters removed) beside this file.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+
+import jax
+import matplotlib
+import numpy as np
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
+from qhnet import checkpoints, data, models, train  # noqa: E402
+from qhnet.symmetry import slicing  # noqa: E402
+from qhnet.symmetry.__main__ import calibration_images  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ('rotate', 'select', 'magnitude')
+
+
+def param_count(model_config) -> int:
+    model = models.build(model_config)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                            jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes['params'])))
+
+
+def keep_for(config, spec, removed: float) -> float:
+    """The largest keep (on a grid of 1/256) whose sliced model has at most (1 - removed) of
+    the original's parameters; 1.0 for removed = 0."""
+    if removed <= 0:
+        return 1.0
+    budget = (1 - removed) * param_count(config.model)
+    stages = slicing.stage_streams(spec, config.model)
+    widths = {s.name: s.width for s in spec.streams}
+    for step in range(256, 0, -1):
+        keep = step / 256
+        sliced = slicing.sliced_config(
+            config, [slicing.kept_width(widths[name], keep) for name in stages])
+        if param_count(sliced.model) <= budget:
+            return keep
+    return 1 / 256
+
+
+def finetune(sliced: slicing.Sliced, epochs: float, step: int, directory: str) -> float:
+    """Test top-1 after fine-tuning the sliced model for `epochs` (from its variables)."""
+    source = os.path.join(directory, 'sliced')
+    store = checkpoints.CheckpointStore(source)
+    try:
+        store.save(step, sliced.variables, {'step': np.asarray(step)}, sliced.config)
+    finally:
+        store.close()
+    config = sliced.config.copy_and_resolve_references()
+    config.init_from, config.num_epochs, config.progress_bar = source, epochs, False
+    return train.train_and_evaluate(config, os.path.join(directory, 'run'))['test_top1']
+
+
+def run_model(workdir: str, label: str, args) -> list[dict]:
+    step, config, variables = train.restore_variables(workdir)
+    dataset = data.open_dataset(config.data)
+    images = calibration_images(dataset, args.calibration_images)
+    calibration = slicing.calibrate(config, variables, images)
+    before = train.evaluate(config, variables, dataset=dataset)['top1']
+    params_before = slicing.count_params(variables)
+    rows = []
+    for removed in args.removed:
+        keep = keep_for(config, calibration.spec, removed)
+        for method in METHODS:
+            sliced = slicing.slice_variables(config, variables, images, keep, method, calibration)
+            row = dict(model=label, workdir=workdir, seed=int(config.seed), removed_target=removed,
+                       keep=keep, method=method, stream_widths=list(sliced.config.model.stream_widths),
+                       params_before=params_before,
+                       params_after=slicing.count_params(sliced.variables),
+                       top1_before=before,
+                       top1_after=train.evaluate(sliced.config, sliced.variables,
+                                                 dataset=dataset)['top1'],
+                       explained_variance=[s.explained_variance for s in sliced.streams])
+            if removed in args.finetune_removed and method != 'magnitude' and args.finetune_epochs:
+                with tempfile.TemporaryDirectory() as directory:
+                    row['top1_finetuned'] = finetune(sliced, args.finetune_epochs, step, directory)
+            row['removed'] = 1 - row['params_after'] / params_before
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = ['# Slicing through the group against channel pruning', '',
+             f'Device: **{report["device"]}**. Fashion-MNIST main model (Eq. (3), '
+             'widths 16, 32, 128, 256) and its identity-activation twin, trained by '
+             '`python -m qhnet.main`; calibration on the first '
+             f'{report["calibration_images"]} training images; test top-1 on the 10,000 test '
+             'images, no fine-tuning unless a column says so. `keep` is the fraction of every '
+             'stream kept, the largest that removes the target fraction of parameters; the '
+             'three methods keep the same widths, so the same parameters. The stem stream '
+             '(ReLU) admits only permutations: there rotate = select. '
+             f'{report["note"]}', '',
+             '| model | seed | params removed | keep | stream widths | rotate | select (a) '
+             '| magnitude (b) | rotate, fine-tuned | select, fine-tuned |',
+             '|---|---:|---:|---:|---|---:|---:|---:|---:|---:|']
+    groups = {}
+    for row in report['rows']:
+        groups.setdefault((row['model'], row['seed'], row['removed_target']), {})[row['method']] = row
+    for (model, seed, _), by_method in groups.items():
+        first = next(iter(by_method.values()))
+
+        def cell(method, key='top1_after'):
+            value = by_method.get(method, {}).get(key)
+            return f'{100 * value:.2f}' if value is not None else '-'
+        lines.append(f'| {model} | {seed} | {100 * first["removed"]:.1f}% | {first["keep"]:.3f} | '
+                     f'{first["stream_widths"]} | {cell("rotate")} | {cell("select")} | '
+                     f'{cell("magnitude")} | {cell("rotate", "top1_finetuned")} | '
+                     f'{cell("select", "top1_finetuned")} |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(report: dict, path: str) -> None:
+    models_seen = sorted({row['model'] for row in report['rows']})
+    figure, axes = plt.subplots(1, len(models_seen), figsize=(5.5 * len(models_seen), 4),
+                                squeeze=False)
+    for axis, model in zip(axes[0], models_seen):
+        for method, style in zip(METHODS, ('o-', 's--', '^:')):
+            rows = [r for r in report['rows'] if r['model'] == model and r['method'] == method]
+            fractions = sorted({r['removed_target'] for r in rows})
+            mean = [np.mean([r['top1_after'] for r in rows if r['removed_target'] == f]) for f in fractions]
+            removed = [np.mean([r['removed'] for r in rows if r['removed_target'] == f]) for f in fractions]
+            axis.plot(100 * np.array(removed), 100 * np.array(mean), style, label=method)
+        axis.set(title=model, xlabel='parameters removed (%)', ylabel='test top-1 (%), no fine-tuning')
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--workdirs', nargs='+', required=True)
+    parser.add_argument('--identity_workdirs', nargs='*', default=[])
+    parser.add_argument('--removed', type=float, nargs='+',
+                        default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    parser.add_argument('--finetune_removed', type=float, nargs='*', default=[0.3, 0.5])
+    parser.add_argument('--finetune_epochs', type=float, default=1.0)
+    parser.add_argument('--calibration_images', type=int, default=512)
+    parser.add_argument('--note', default='')
+    parser.add_argument('--out', default=os.path.join(HERE, 'slicing'))
+    args = parser.parse_args(argv)
+    rows = []
+    for label, workdirs in (('softball@ds', args.workdirs), ('identity', args.identity_workdirs)):
+        for workdir in workdirs:
+            rows += run_model(workdir, label, args)
+    report = dict(device=timing.device_name(), calibration_images=args.calibration_images,
+                  finetune_epochs=args.finetune_epochs, note=args.note, rows=rows)
+    text = markdown(report)
+    print(text)
+    timing.write_report(args.out, text, report)
+    plot(report, args.out + '.png')
+
+
+if __name__ == '__main__':
+    main()
