@@ -25,9 +25,13 @@ import json
 import os
 import tempfile
 
-import jax
-import matplotlib
-import numpy as np
+from qhnet import allocator
+
+allocator.reuse_freed_memory()  # before JAX starts: the fine-tuning runs train in this process
+
+import jax  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,7 +69,7 @@ def keep_for(config, spec, removed: float) -> float:
     return 1 / 256
 
 
-def finetune(sliced: slicing.Sliced, epochs: float, step: int, directory: str) -> float:
+def finetune(sliced: slicing.Sliced, epochs: int, step: int, directory: str) -> float:
     """Test top-1 after fine-tuning the sliced model for `epochs` (from its variables)."""
     source = os.path.join(directory, 'sliced')
     store = checkpoints.CheckpointStore(source)
@@ -90,8 +94,9 @@ def run_model(workdir: str, label: str, args) -> list[dict]:
         keep = keep_for(config, calibration.spec, removed)
         for method in METHODS:
             sliced = slicing.slice_variables(config, variables, images, keep, method, calibration)
-            row = dict(model=label, workdir=workdir, seed=int(config.seed), removed_target=removed,
-                       keep=keep, method=method, stream_widths=list(sliced.config.model.stream_widths),
+            row = dict(model=label, workdir=workdir, seed=int(config.seed),
+                       removed_target=removed, keep=keep, method=method,
+                       stream_widths=list(sliced.config.model.stream_widths),
                        params_before=params_before,
                        params_after=slicing.count_params(sliced.variables),
                        top1_before=before,
@@ -123,14 +128,16 @@ def markdown(report: dict) -> str:
              '|---|---:|---:|---:|---|---:|---:|---:|---:|---:|']
     groups = {}
     for row in report['rows']:
-        groups.setdefault((row['model'], row['seed'], row['removed_target']), {})[row['method']] = row
+        key = (row['model'], row['seed'], row['removed_target'])
+        groups.setdefault(key, {})[row['method']] = row
     for (model, seed, _), by_method in groups.items():
         first = next(iter(by_method.values()))
 
         def cell(method, key='top1_after'):
             value = by_method.get(method, {}).get(key)
             return f'{100 * value:.2f}' if value is not None else '-'
-        lines.append(f'| {model} | {seed} | {100 * first["removed"]:.1f}% | {first["keep"]:.3f} | '
+        lines.append(f'| {model} | {seed} | {100 * first["removed"]:.1f}% | '
+                     f'{first["keep"]:.3f} | '
                      f'{first["stream_widths"]} | {cell("rotate")} | {cell("select")} | '
                      f'{cell("magnitude")} | {cell("rotate", "top1_finetuned")} | '
                      f'{cell("select", "top1_finetuned")} |')
@@ -145,10 +152,13 @@ def plot(report: dict, path: str) -> None:
         for method, style in zip(METHODS, ('o-', 's--', '^:')):
             rows = [r for r in report['rows'] if r['model'] == model and r['method'] == method]
             fractions = sorted({r['removed_target'] for r in rows})
-            mean = [np.mean([r['top1_after'] for r in rows if r['removed_target'] == f]) for f in fractions]
-            removed = [np.mean([r['removed'] for r in rows if r['removed_target'] == f]) for f in fractions]
+            mean = [np.mean([r['top1_after'] for r in rows if r['removed_target'] == f])
+                    for f in fractions]
+            removed = [np.mean([r['removed'] for r in rows if r['removed_target'] == f])
+                       for f in fractions]
             axis.plot(100 * np.array(removed), 100 * np.array(mean), style, label=method)
-        axis.set(title=model, xlabel='parameters removed (%)', ylabel='test top-1 (%), no fine-tuning')
+        axis.set(title=model, xlabel='parameters removed (%)',
+                 ylabel='test top-1 (%), no fine-tuning')
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -162,7 +172,7 @@ def main(argv=None) -> None:
     parser.add_argument('--removed', type=float, nargs='+',
                         default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     parser.add_argument('--finetune_removed', type=float, nargs='*', default=[0.3, 0.5])
-    parser.add_argument('--finetune_epochs', type=float, default=1.0)
+    parser.add_argument('--finetune_epochs', type=int, default=1)
     parser.add_argument('--calibration_images', type=int, default=512)
     parser.add_argument('--note', default='')
     parser.add_argument('--out', default=os.path.join(HERE, 'slicing'))

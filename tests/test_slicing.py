@@ -87,7 +87,8 @@ def test_sliced_model_builds_folds_again_and_keeps_its_symmetry(images):
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(np.shape, sliced.variables)
     # The product keeps its hidden width through a rectangular E: k x n.
     block = sliced.variables['params']['stage2_block1']
-    assert block['mix_in']['kernel'].shape == (4, 8) and block['coef']['kernel'].shape == (1, 1, 4, 32)
+    assert block['mix_in']['kernel'].shape == (4, 8)
+    assert block['coef']['kernel'].shape == (1, 1, 4, 32)
     assert block['combine']['kernel'].shape == (1, 1, 32, 8)
     # Fold again: the inference form computes the Flax model's function.
     spec = symmetry.group_spec(model)
@@ -125,7 +126,8 @@ def test_rotation_keeps_at_least_the_variance_of_selection(images):
         assert r.rotated == (r.group != 'scaled_permutation') and not (s.rotated or m.rotated)
         assert r.macs_after < r.macs_before
     # The stem's ReLU stream admits no rotation: both methods keep the same channels there.
-    assert rotate.streams[0].explained_variance == pytest.approx(select.streams[0].explained_variance)
+    assert rotate.streams[0].explained_variance == pytest.approx(
+        select.streams[0].explained_variance)
     assert slicing.count_params(rotate.variables) == slicing.count_params(select.variables)
     assert slicing.count_params(rotate.variables) < slicing.count_params(variables)
 

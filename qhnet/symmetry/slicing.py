@@ -28,12 +28,16 @@ of their inputs, so that training mode starts from nearly the function of evalua
 refused.
 
     result = slice_variables(config, variables, calibration_images, keep=0.75)
-    calibration = calibrate(config, variables, calibration_images)  # shared by many slices
     result.config, result.variables   # the sliced model: build, apply, train, fold again
     result.streams                    # per stream: width, kept, explained variance, MACs
+    calibration = calibrate(config, variables, calibration_images)  # shared by many slices
+
+At keep=1 the sliced model has the unsliced function and more parameters: its k x n maps
+E (for the Fashion-MNIST main model, 283,626 against 265,706).
 """
 
 import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -167,7 +171,8 @@ def array_macs(spec: GroupSpec, form: dict, image_hw) -> dict[tuple[str, str], i
     counted: a stream's width does not change K's work)."""
     structure = spec.structure
     stem_hw, blocks = _resolutions(structure, tuple(image_hw))
-    macs = {('stem', 'kernel'): int(np.prod(np.shape(form['stem']['kernel']))) * stem_hw[0] * stem_hw[1]}
+    stem = int(np.prod(np.shape(form['stem']['kernel'])))
+    macs = {('stem', 'kernel'): stem * stem_hw[0] * stem_hw[1]}
     for block, (hw_in, hw_out) in zip(structure.blocks, blocks):
         p = form[block.name]
         for key, hw in (('coef', hw_out), ('mix_in', hw_in), ('combine', hw_out),
