@@ -29,7 +29,6 @@ from qhnet import allocator
 
 allocator.reuse_freed_memory()  # before JAX starts: the fine-tuning runs train in this process
 
-import jax  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -37,19 +36,16 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
-from qhnet import checkpoints, data, models, train  # noqa: E402
+from qhnet import data, models, params, train  # noqa: E402
 from qhnet.symmetry import slicing  # noqa: E402
-from qhnet.symmetry.__main__ import calibration_images  # noqa: E402
+from qhnet.symmetry.__main__ import first_images  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ('rotate', 'select', 'magnitude')
 
 
 def param_count(model_config) -> int:
-    model = models.build(model_config)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
-                            jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes['params'])))
+    return params.count_params(models.build(model_config), (28, 28, 1))
 
 
 def keep_for(config, spec, removed: float) -> float:
@@ -72,11 +68,7 @@ def keep_for(config, spec, removed: float) -> float:
 def finetune(sliced: slicing.Sliced, epochs: int, step: int, directory: str) -> float:
     """Test top-1 after fine-tuning the sliced model for `epochs` (from its variables)."""
     source = os.path.join(directory, 'sliced')
-    store = checkpoints.CheckpointStore(source)
-    try:
-        store.save(step, sliced.variables, {'step': np.asarray(step)}, sliced.config)
-    finally:
-        store.close()
+    train.save_variables(source, step, sliced.variables, sliced.config)
     config = sliced.config.copy_and_resolve_references()
     config.init_from, config.num_epochs, config.progress_bar = source, epochs, False
     return train.train_and_evaluate(config, os.path.join(directory, 'run'))['test_top1']
@@ -85,7 +77,7 @@ def finetune(sliced: slicing.Sliced, epochs: int, step: int, directory: str) -> 
 def run_model(workdir: str, label: str, args) -> list[dict]:
     step, config, variables = train.restore_variables(workdir)
     dataset = data.open_dataset(config.data)
-    images = calibration_images(dataset, args.calibration_images)
+    images = first_images(dataset, 'train', args.calibration_images)
     calibration = slicing.calibrate(config, variables, images)
     before = train.evaluate(config, variables, dataset=dataset)['top1']
     params_before = slicing.count_params(variables)

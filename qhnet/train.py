@@ -473,6 +473,17 @@ def restore_variables(workdir: str) -> Restored:
     return Restored(step, config, items['variables'])
 
 
+def save_variables(workdir: str, step: int, variables: dict[str, Any],
+                   config: ml_collections.ConfigDict) -> None:
+    """A checkpoint of `variables` and `config` only, no optimizer state, at `step` in
+    `workdir`: what `restore_variables` reads and `config.init_from` starts from."""
+    store = checkpoints.CheckpointStore(workdir)
+    try:
+        store.save(step, variables, {'step': np.asarray(step)}, config)
+    finally:
+        store.close()
+
+
 # The training run.
 
 def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -492,11 +503,10 @@ def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
-def _flat(tree) -> dict[str, Any]:
-    """'a/b/c' -> leaf of a nested dict."""
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(
-                tree, is_leaf=lambda x: isinstance(x, tuple))[0]}
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """'params/a/b' -> (shape, dtype) of every leaf of a nested dict of arrays."""
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): (leaf.shape, str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -635,15 +645,13 @@ class _TrainingRun:
         """`state` with the variables of the newest checkpoint in `workdir` (config.init_from),
         which must be exactly this model's."""
         step, _, variables = restore_variables(workdir)
-        ours = jax.tree.map(lambda x: (x.shape, str(x.dtype)), state.variables())
-        theirs = jax.tree.map(lambda x: (x.shape, str(x.dtype)), variables)
+        ours, theirs = _leaf_shapes(state.variables()), _leaf_shapes(variables)
         if ours != theirs:
-            differences = [f'{name}: {shape}' for name, shape in _flat(theirs).items()
-                           if _flat(ours).get(name) != shape][:3]
-            missing = [name for name in _flat(ours) if name not in _flat(theirs)][:3]
+            differences = [f'{name}: {theirs.get(name)}' for name in sorted(set(ours) | set(theirs))
+                           if ours.get(name) != theirs.get(name)][:3]
             raise ConfigError(
                 f'config.init_from={workdir} (step {step}) holds variables of another model '
-                f'(differing: {differences or missing}); pass the config that model was written '
+                f'(differing: {differences}); pass the config that model was written '
                 f'with (a sliced model\'s is <output_workdir>/config.py)')
         variables = replicate(variables, self.replicated)
         logging.info('Variables from step %d of %s (config.init_from); a fresh optimizer.', step,

@@ -82,10 +82,10 @@ flags.DEFINE_enum('method', 'rotate', slicing.METHODS, 'slice: rotate to the pri
 FORM_DIR = 'full_group_form'
 
 
-def test_images(dataset: data.Dataset, count: int) -> np.ndarray:
-    """The first `count` images of the test split (fewer if the split is smaller), normalised
-    as the models read them."""
-    batch = next(dataset.batches('test', batch_size=count, seed=0, train=False))
+def first_images(dataset: data.Dataset, split: str, count: int) -> np.ndarray:
+    """The first `count` images of `split` (fewer if the split is smaller), unaugmented and
+    normalised as the models read them."""
+    batch = next(dataset.batches(split, batch_size=count, seed=0, train=False))
     return np.asarray(data.normalise(batch['image'][batch['mask'] > 0], dataset.info))
 
 
@@ -149,7 +149,7 @@ def run(workdir: str, output_workdir: str) -> dict:
     check_output(workdir, output_workdir, step)
     model = models.build(config.model)
     dataset = data.open_dataset(config.data)
-    images = test_images(dataset, FLAGS.num_images)
+    images = first_images(dataset, 'test', FLAGS.num_images)
     full, tied = symmetry.group_spec(model), symmetry.group_spec(model, tie_identity_shortcuts=True)
     form = symmetry.fold(full, variables)
     check_finite(full, form, images, step, variables)
@@ -166,11 +166,7 @@ def run(workdir: str, output_workdir: str) -> dict:
     moved_config = config.copy_and_resolve_references()
     if moved_config.model.name == 'qhnet':  # the baselines' layers hold any element as they are
         moved_config.model.mixing = True
-    store = checkpoints.CheckpointStore(output_workdir)
-    try:
-        store.save(step, moved, {'step': np.asarray(step)}, moved_config)
-    finally:
-        store.close()
+    train.save_variables(output_workdir, step, moved, moved_config)
     _, reloaded_config, reloaded = train.restore_variables(output_workdir)  # the step written
     return {
         'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
@@ -184,12 +180,6 @@ def run(workdir: str, output_workdir: str) -> dict:
                 dataset=dataset),
             'transformed': train.evaluate(reloaded_config, reloaded, dataset=dataset)},
     }
-
-
-def calibration_images(dataset: data.Dataset, count: int) -> np.ndarray:
-    """The first `count` training images, unaugmented and normalised."""
-    batch = next(dataset.batches('train', batch_size=count, seed=0, train=False))
-    return np.asarray(data.normalise(batch['image'][batch['mask'] > 0], dataset.info))
 
 
 FINETUNE_CONFIG = '''"""The model sliced from {workdir} (step {step}) by `python -m qhnet.symmetry slice`
@@ -224,14 +214,10 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
                            f'{config.model.name} (equation {config.model.equation}); slice an '
                            'Eq. (3) model (configs/eq3_*.py)')
     dataset = data.open_dataset(config.data)
-    images = calibration_images(dataset, FLAGS.calibration_images)
+    images = first_images(dataset, 'train', FLAGS.calibration_images)
     sliced = slicing.slice_variables(config, variables, images, FLAGS.keep, FLAGS.method)
     output = os.path.abspath(output_workdir)
-    store = checkpoints.CheckpointStore(output)
-    try:
-        store.save(step, sliced.variables, {'step': np.asarray(step)}, sliced.config)
-    finally:
-        store.close()
+    train.save_variables(output, step, sliced.variables, sliced.config)
     finetune = sliced.config.copy_and_resolve_references()
     finetune.init_from = output
     with open(os.path.join(output, 'config.json'), 'w') as f:
