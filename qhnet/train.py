@@ -828,6 +828,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             'dataset': info.name,
             'model': checkpoints.config_to_json(config.model),
             **{f'test_{name}': value for name, value in run.last_eval.items()},
+            'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
             'steps': run.total_steps,
             'epochs': run.total_steps / run.steps_per_epoch,
             'rollbacks': run.rollbacks,

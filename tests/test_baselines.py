@@ -67,6 +67,30 @@ def test_small_input_and_bfloat16_compute(model_cls):
         assert leaf.dtype == jnp.float32
 
 
+def test_small_stem_keeps_the_resolution_and_reads_widths_and_depths():
+    """The small datasets' variants: a 3x3/1 stem and no pool (ResNet50 also takes the
+    variant's widths and depths; MobileNetV3 keeps its table, so its parameters)."""
+    images = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+    resnet = ResNet50(num_classes=10, stem="small", widths=(16, 32, 128, 256), depths=(1, 1, 1, 1))
+    variables = jax.eval_shape(functools.partial(resnet.init, train=False), jax.random.key(0), images)
+    assert variables["params"]["stem_conv"]["kernel"].shape == (3, 3, 1, 16)
+    assert num_params(variables) == 1_849_466
+    _, state = jax.eval_shape(
+        functools.partial(resnet.apply, capture_intermediates=True, mutable=["intermediates"]),
+        variables, images)
+    assert state["intermediates"]["stem_bn"]["__call__"][0].shape == (2, 28, 28, 16)
+    assert state["intermediates"]["stage4_block1"]["__call__"][0].shape == (2, 4, 4, 1024)
+    mobilenet = MobileNetV3Large(num_classes=10, stem="small")
+    small = jax.eval_shape(functools.partial(mobilenet.init, train=False), jax.random.key(0), images)
+    imagenet = jax.eval_shape(functools.partial(MobileNetV3Large(num_classes=10).init, train=False),
+                              jax.random.key(0), images)
+    assert num_params(small) == num_params(imagenet)
+    _, state = jax.eval_shape(
+        functools.partial(mobilenet.apply, capture_intermediates=True, mutable=["intermediates"]),
+        small, images)
+    assert state["intermediates"]["stem_bn"]["__call__"][0].shape == (2, 28, 28, 16)
+
+
 @pytest.fixture(scope="module")
 def digit_batch():
     """Two real 8x8 digits, resized to 64x64 and tiled to 3 channels."""

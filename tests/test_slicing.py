@@ -1,18 +1,21 @@
 """qhnet.symmetry.slicing: keep=1 is the same function; a sliced model is a real model (it
-builds from its config, folds again, keeps its symmetry and its radius); bad input is refused.
+builds from its config, folds again, keeps its symmetry and its radius); a pruned ResNet50 is
+the ResNet50 with the other channels silenced; bad input is refused.
 
-Models: the small Eq. (3) layout of tests/test_symmetry.py with random variables, on real
-digits upsampled to 16x16.
+Models: the small Eq. (3) layout of tests/test_symmetry.py and the digits ResNet50, with
+random variables, on real digits upsampled to 16x16.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from qhnet import activations, config, models
 from qhnet import symmetry
-from qhnet.symmetry import slicing
+from qhnet.symmetry import baseline_family, slicing
+from qhnet.symmetry.__main__ import slice_report
 from qhnet.symmetry.structure import trace
 from qhnet.symmetry.testing import random_variables
 from tests.conftest import resize_images
@@ -80,7 +83,8 @@ def test_keep_one_is_the_same_function(images, activation, placement):
 
 def test_sliced_model_builds_folds_again_and_keeps_its_symmetry(images):
     cfg, _, variables = make_case()
-    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5, dtype=np.float64)
+    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5, dtype=np.float64,
+                                     slice_stem=True)
     assert sliced.config.model.stream_widths == (4, 8, 16)
     model = models.build(sliced.config.model)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images[:1])
@@ -102,9 +106,34 @@ def test_sliced_model_builds_folds_again_and_keeps_its_symmetry(images):
     assert report['invariant'], report
 
 
+def test_the_sliced_flax_model_trains(images, digits):
+    cfg, _, variables = make_case()
+    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5)
+    model = models.build(sliced.config.model)
+    labels = jnp.asarray(digits[1][:len(images)])
+    optimizer = optax.sgd(0.05, momentum=0.9)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        def loss_fn(params):
+            logits, state = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                        train=True, mutable=['batch_stats'])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state['batch_stats'], opt_state, loss
+
+    params, batch_stats = sliced.variables['params'], sliced.variables['batch_stats']
+    opt_state, losses = optimizer.init(params), []
+    for _ in range(8):
+        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.95 * losses[0], losses
+
+
 def test_balls_keep_the_radius_of_the_unsliced_width(images):
     cfg, _, variables = make_case(placement='all')
-    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5)
+    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5, slice_stem=True)
     structure = trace(models.build(sliced.config.model))
     assert [b.radius for b in structure.blocks] == pytest.approx(
         [np.sqrt(w) for w, d in zip(SMALL['widths'], SMALL['depths']) for _ in range(d)])
@@ -118,7 +147,7 @@ def test_rotation_keeps_at_least_the_variance_of_selection(images):
     cfg, _, variables = make_case()
     calibration = slicing.calibrate(cfg, variables, images)
     rotate, select, magnitude = (
-        slicing.slice_variables(cfg, variables, images, 0.5, method, calibration)
+        slicing.slice_variables(cfg, variables, images, 0.5, method, calibration, slice_stem=True)
         for method in ('rotate', 'select', 'magnitude'))
     for r, s, m in zip(rotate.streams, select.streams, magnitude.streams):
         assert r.kept == s.kept == m.kept
@@ -130,6 +159,71 @@ def test_rotation_keeps_at_least_the_variance_of_selection(images):
         select.streams[0].explained_variance)
     assert slicing.count_params(rotate.variables) == slicing.count_params(select.variables)
     assert slicing.count_params(rotate.variables) < slicing.count_params(variables)
+
+
+def silenced(spec, form, dropped: dict) -> dict:
+    """`form` with every layer that writes stream s writing 0 on its channels dropped[s]."""
+    new = {name: dict(arrays) for name, arrays in form.items()}
+    for stream in spec.streams:
+        for entry in stream.entries:
+            if entry.role == 'out':
+                layer, key = entry.path
+                keep = np.ones(stream.width)
+                keep[dropped[stream.name]] = 0.0
+                shape = [1] * np.ndim(new[layer][key])
+                shape[entry.axis] = -1
+                new[layer][key] = new[layer][key] * np.repeat(keep, entry.repeat).reshape(shape)
+    return new
+
+
+@pytest.mark.parametrize('activation', ['softball', 'identity'])
+def test_a_slice_is_the_rotated_model_projected_onto_the_kept_directions(images, activation):
+    """keep < 1: the sliced Flax model computes the rotated model in which every stream keeps
+    only its first k coordinates, the others held at 0 where they are written (float64)."""
+    cfg, _, variables = make_case(activation)
+    calibration = slicing.calibrate(cfg, variables, images)
+    sliced = slicing.slice_variables(cfg, variables, images, 0.5, calibration=calibration,
+                                     dtype=np.float64, slice_stem=True)
+    spec, form = calibration.spec, calibration.form
+    chosen = slicing.basis(spec, form, calibration.moments, 'rotate')
+    with jax.enable_x64(True):
+        rotated = symmetry.act(spec, form, {'streams': {n: t for n, (t, _, _) in chosen.items()}})
+        projected = silenced(spec, rotated, {s.name: np.arange(s.kept, s.width)
+                                             for s in sliced.streams})
+        reference = np.asarray(symmetry.apply(spec, projected, np.asarray(images, np.float64)))
+    assert relative(logits64(sliced.config.model, sliced.variables, images), reference) < 1e-9
+    assert relative(reference, logits64(cfg.model, variables, images)) > 1e-4
+
+
+def test_a_relu_model_is_sliced_with_permutations_and_says_so(images):
+    cfg, _, variables = make_case('relu', 'all')
+    sliced = slicing.slice_variables(cfg, variables, images, 0.5)
+    assert not any(s.rotated for s in sliced.streams)
+    summary = dict(method='rotate', output_workdir='OUT', params_before=2, params_after=1,
+                   top1_before=1.0, top1_after=0.5,
+                   streams=[dict(name=s.name, width=s.width, kept=s.kept, rotated=s.rotated,
+                                 explained_variance=s.explained_variance,
+                                 flops_before=2 * s.macs_before, flops_after=2 * s.macs_after)
+                            for s in sliced.streams])
+    assert any('no stream of this model admits a rotation' in line and 'permutations only' in line
+               for line in slice_report(summary))
+    softball = slicing.slice_variables(*make_case()[::2], images, 0.5)
+    summary['streams'] = [dict(s, rotated=r.rotated) for s, r in zip(summary['streams'],
+                                                                    softball.streams)]
+    assert not any('admits a rotation' in line for line in slice_report(summary))
+
+
+def test_the_stem_keeps_its_width_unless_sliced_too(images):
+    cfg, _, variables = make_case()
+    calibration = slicing.calibrate(cfg, variables, images)
+    sliced = slicing.slice_variables(cfg, variables, images, 0.5, calibration=calibration)
+    assert sliced.config.model.stream_widths == (8, 8, 16)
+    stem = sliced.streams[0]
+    assert stem.name == 'stem' and stem.kept == stem.width == 8
+    assert stem.explained_variance == pytest.approx(1.0)
+    whole = slicing.slice_variables(cfg, variables, images, 0.5, calibration=calibration,
+                                    slice_stem=True)
+    assert slicing.count_params(whole.variables) < slicing.count_params(sliced.variables)
 
 
 def test_batch_norms_match_their_calibration_statistics(images):
@@ -169,3 +263,36 @@ def test_stream_widths_are_validated():
         cfg.model.stream_widths = bad
         with pytest.raises(ValueError, match='model.stream_widths'):
             models.build(cfg.model)
+
+
+def test_pruned_resnet_is_the_resnet_with_the_other_channels_silenced(images):
+    cfg = config.row_config('resnet50', 'digits')
+    cfg.model.depths = (2, 1)  # an identity shortcut: two blocks write the first stage's stream
+    model = models.build(cfg.model)
+    variables = random_variables(model, (16, 16, 16, 1), seed=0)
+    with jax.enable_x64(True):
+        images64 = jnp.asarray(images, jnp.float64)
+        calibration = slicing.calibrate(cfg, variables, images)
+        spec, form = calibration.spec, calibration.form
+        full = baseline_family.apply(spec, form, images64)
+        unpruned, _ = slicing.prune(calibration, 1.0)
+        assert relative(baseline_family.apply(spec, unpruned, images64), full) < 1e-9
+        for method in ('select', 'magnitude'):
+            pruned, kept = slicing.prune(calibration, 0.5, method)
+            assert kept == slicing.kept_widths(spec, 0.5)
+            assert kept['stem'] == spec.streams[0].width  # kept whole by default
+            # The reference: the full model whose writers leave every other channel at 0.
+            dropped = {}
+            for stream in spec.streams:
+                permutation, _, rotated = slicing.basis(spec, form, calibration.moments,
+                                                        method)[stream.name]
+                assert not rotated  # only permutations times scalings: no rotation
+                dropped[stream.name] = np.argmax(permutation, axis=0)[kept[stream.name]:]
+            logits = baseline_family.apply(spec, pruned, images64)
+            reference = baseline_family.apply(spec, silenced(spec, form, dropped), images64)
+            assert relative(logits, reference) < 1e-9
+            assert relative(logits, full) > 1e-3
+            assert slicing.count_form_params(pruned) < 0.5 * slicing.count_form_params(form)
+        rotate, _ = slicing.prune(calibration, 0.5, 'rotate')
+        select, _ = slicing.prune(calibration, 0.5, 'select')
+        assert all(np.array_equal(rotate[n][k], select[n][k]) for n in form for k in form[n])

@@ -1,7 +1,8 @@
 """The symmetry toolkit on the baselines (`qhnet.symmetry.baseline_family`): ResNet50,
 MobileNetV3Large.
 
-Both models as their configs build them, on 4 real digits at 32x32 RGB, with variables
+Both models as their configs build them (and the small-input ResNet50 of the Fashion-MNIST
+variant), on 4 real digits at 32x32 RGB, with variables
 from `random_variables` (non-trivial BN statistics). Tolerances as in test_symmetry.py: the
 fold matches the Flax model to 1e-5 (float32) and 1e-10 (float64); admitted elements change
 the logits by at most 1e-9 in float64 and by at most `verify`'s tolerance in float32;
@@ -30,7 +31,9 @@ def images(digits) -> np.ndarray:
 
 
 def build_case(name: str) -> dict:
-    model = models.build(config.row_config(name).model)
+    """A row's model as its config builds it; '<row>:<variant>', as that variant's does."""
+    name, _, variant = name.partition(':')
+    model = models.build(config.row_config(name, variant or None).model)
     variables = random_variables(model, IMAGE_SHAPE)
     spec = symmetry.group_spec(model)
     return dict(model=model, variables=variables, spec=spec, flax32=jax.jit(model.apply),
@@ -44,7 +47,7 @@ def cases():
     return functools.cache(build_case)
 
 
-@pytest.fixture(scope='module', params=['mobilenet_v3_large', 'resnet50'])
+@pytest.fixture(scope='module', params=['mobilenet_v3_large', 'resnet50', 'resnet50:fashion_mnist'])
 def case(request, cases) -> dict:
     return cases(request.param)
 

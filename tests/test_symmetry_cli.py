@@ -166,12 +166,15 @@ def test_bad_input_is_refused_with_one_line(workdir, tmp_path, case):
 def test_slice_writes_a_model_that_evaluates_and_fine_tunes(workdir, tmp_path):
     output = str(tmp_path / 'sliced')
     result = run_cli('slice', f'--workdir={workdir}', '--keep=0.5', '--calibration_images=128',
+                     '--slice_stem',
                      f'--output_workdir={output}')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'fine-tune it with' in result.stdout
     with open(os.path.join(output, 'slice.json')) as f:
         summary = json.load(f)
     assert summary['stream_widths'] == [8, 16] and summary['step'] == 20
+    assert summary['finetune_base_lr'] == pytest.approx(
+        0.1 * qhnet_config.get_config('digits').optimizer.base_lr)
     assert summary['params_after'] < summary['params_before']
     before = train.evaluate(*train.restore_variables(workdir)[1:])['top1']
     assert summary['top1_before'] == before and 0 <= summary['top1_after'] <= 1

@@ -28,7 +28,8 @@ other (tests/test_symmetry.py, `test_imports_form_a_chain`).
     families.py         FAMILIES, structure type -> family; the public group_spec, fold, apply,
                         unfold and the form checks, which look the family up there
     action.py           group elements: sample, act, inverse, condition, verify
-    slicing.py          streams rotated to their principal axes and cut (Eq. (3) models)
+    slicing.py          streams rotated to their principal axes and cut (Eq. (3) models);
+                        a ResNet50's channels pruned, for comparison
     __init__.py         this public API
     __main__.py         the command line
 

@@ -32,13 +32,15 @@ an --output_workdir that is --workdir or holds checkpoints of other steps, --num
 finite.
 
   python -m qhnet.symmetry slice --workdir=DIR --keep=0.75 [--calibration_images=512]
-      [--method=rotate] --output_workdir=OUT
+      [--method=rotate] [--slice_stem] --output_workdir=OUT
 
 slices the newest checkpoint of --workdir (`qhnet.symmetry.slicing`): every stream rotated
 to the principal axes of its second moment on the first --calibration_images training
-images and cut to round(keep * width) channels (--keep, a fraction of each stream). It
+images and cut to round(keep * width) channels (--keep, a fraction of each stream; the
+stem's stream keeps all of its channels unless --slice_stem). It
 writes OUT as a workdir: a checkpoint of the sliced model (variables and config; evaluate
-it, fold it, verify it), OUT/config.py, a config file that fine-tunes it,
+it, fold it, verify it), OUT/config.py, a config file that fine-tunes it (the recipe's
+schedule at --finetune_lr_factor=0.1 times its peak learning rate),
 
   python -m qhnet.main --config=OUT/config.py --workdir=OUT/finetune --config.num_epochs=1
 
@@ -74,6 +76,10 @@ flags.DEFINE_float('cond', 10.0, 'Condition number of the GL and scaled-permutat
                    'and of the hidden-channel scales.')
 flags.DEFINE_integer('num_images', 256, 'Test images on which the logits are compared.')
 flags.DEFINE_float('keep', 0.75, 'slice: the fraction of each stream\'s channels kept.')
+flags.DEFINE_bool('slice_stem', False, 'slice: cut the stem\'s stream too (by default it keeps '
+                  'all of its channels: it admits no rotation and holds few parameters).')
+flags.DEFINE_float('finetune_lr_factor', 0.1, 'slice: OUT/config.py fine-tunes with the '
+                   'recipe\'s schedule at this times its peak learning rate.')
 flags.DEFINE_integer('calibration_images', 512, 'slice: training images whose stream moments '
                      'choose the directions kept.')
 flags.DEFINE_enum('method', 'rotate', slicing.METHODS, 'slice: rotate to the principal axes '
@@ -183,7 +189,8 @@ def run(workdir: str, output_workdir: str) -> dict:
 
 
 FINETUNE_CONFIG = '''"""The model sliced from {workdir} (step {step}) by `python -m qhnet.symmetry slice`
---keep={keep:g} --method={method}. Fine-tune it (config.init_from starts from its variables):
+--keep={keep:g} --method={method}{stem}. Fine-tune it (config.init_from starts from its variables;
+the recipe's schedule at {factor:g} times its peak learning rate, optimizer.base_lr):
 
   python -m qhnet.main --config={output}/config.py --workdir={output}/finetune --config.num_epochs=1
 """
@@ -204,6 +211,9 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
     if not 0 < FLAGS.keep <= 1:
         raise CommandError(f'--keep={FLAGS.keep:g} is the fraction of each stream to keep; pass '
                            'a number in (0, 1]')
+    if not FLAGS.finetune_lr_factor > 0:
+        raise CommandError(f'--finetune_lr_factor={FLAGS.finetune_lr_factor:g} scales the '
+                           'fine-tuning learning rate; pass a number > 0')
     if FLAGS.calibration_images < 1:
         raise CommandError(f'--calibration_images={FLAGS.calibration_images}: slicing needs '
                            'training images; pass --calibration_images=N with N >= 1')
@@ -215,20 +225,26 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
                            'Eq. (3) model (configs/eq3_*.py)')
     dataset = data.open_dataset(config.data)
     images = first_images(dataset, 'train', FLAGS.calibration_images)
-    sliced = slicing.slice_variables(config, variables, images, FLAGS.keep, FLAGS.method)
+    sliced = slicing.slice_variables(config, variables, images, FLAGS.keep, FLAGS.method,
+                                     slice_stem=FLAGS.slice_stem)
     output = os.path.abspath(output_workdir)
     train.save_variables(output, step, sliced.variables, sliced.config)
     finetune = sliced.config.copy_and_resolve_references()
     finetune.init_from = output
+    finetune.optimizer.base_lr *= FLAGS.finetune_lr_factor
     with open(os.path.join(output, 'config.json'), 'w') as f:
         json.dump(checkpoints.config_to_json(finetune), f, indent=2)
     with open(os.path.join(output, 'config.py'), 'w') as f:
         f.write(FINETUNE_CONFIG.format(workdir=os.path.abspath(workdir), step=step,
-                                       keep=FLAGS.keep, method=FLAGS.method, output=output))
+                                       keep=FLAGS.keep, method=FLAGS.method, output=output,
+                                       stem=' --slice_stem' if FLAGS.slice_stem else '',
+                                       factor=FLAGS.finetune_lr_factor))
     _, reloaded_config, reloaded = train.restore_variables(output)  # what was written
     return {
         'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
-        'keep': FLAGS.keep, 'method': FLAGS.method, 'calibration_images': int(len(images)),
+        'keep': FLAGS.keep, 'method': FLAGS.method, 'slice_stem': FLAGS.slice_stem,
+        'finetune_base_lr': finetune.optimizer.base_lr,
+        'calibration_images': int(len(images)),
         'stream_widths': list(sliced.config.model.stream_widths),
         'params_before': slicing.count_params(variables),
         'params_after': slicing.count_params(reloaded),
@@ -250,16 +266,28 @@ def main_slice() -> None:
         sys.exit(f'error: {error}')
     with open(os.path.join(output_workdir, 'slice.json'), 'w') as f:
         json.dump(summary, f, indent=2)
-    for s in summary['streams']:
-        print(f'{s["name"]:>16}: {s["kept"]:>4} of {s["width"]:>4} channels '
-              f'({"rotated" if s["rotated"] else "selected"}), explained variance '
-              f'{s["explained_variance"]:.4f}, MFLOPs per image {s["flops_before"] / 1e6:.2f} -> '
-              f'{s["flops_after"] / 1e6:.2f}')
-    print(f'parameters {summary["params_before"]:,} -> {summary["params_after"]:,}; test top-1 '
-          f'{summary["top1_before"]:.4f} -> {summary["top1_after"]:.4f}')
-    print(f'wrote the sliced model to {output_workdir}; fine-tune it with\n  python -m qhnet.main '
-          f'--config={os.path.abspath(output_workdir)}/config.py '
-          f'--workdir={os.path.abspath(output_workdir)}/finetune --config.num_epochs=1')
+    print('\n'.join(slice_report(summary)))
+
+
+def slice_report(summary: dict) -> list[str]:
+    """What `slice` prints: each stream, the totals, a note where no stream could rotate, and
+    the fine-tuning command."""
+    lines = [f'{s["name"]:>16}: {s["kept"]:>4} of {s["width"]:>4} channels '
+             f'({"rotated" if s["rotated"] else "selected"}), explained variance '
+             f'{s["explained_variance"]:.4f}, MFLOPs per image {s["flops_before"] / 1e6:.2f} -> '
+             f'{s["flops_after"] / 1e6:.2f}' for s in summary['streams']]
+    cut = [s for s in summary['streams'] if s['kept'] < s['width']]
+    if summary['method'] == 'rotate' and cut and not any(s['rotated'] for s in cut):
+        lines.append('note: no stream of this model admits a rotation (its activations admit '
+                     'only permutations and scalings), so it was sliced with permutations only: '
+                     'the channels of largest variance, as --method=select')
+    output = os.path.abspath(summary['output_workdir'])
+    return lines + [
+        f'parameters {summary["params_before"]:,} -> {summary["params_after"]:,}; test top-1 '
+        f'{summary["top1_before"]:.4f} -> {summary["top1_after"]:.4f}',
+        f'wrote the sliced model to {summary["output_workdir"]}; fine-tune it with\n  python -m '
+        f'qhnet.main --config={output}/config.py --workdir={output}/finetune '
+        '--config.num_epochs=1']
 
 
 def main(argv: list[str]) -> None:

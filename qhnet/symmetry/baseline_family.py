@@ -10,7 +10,7 @@ in the Flax layout (HWIO; a depthwise kernel is (k, k, 1, n)). With BN(x) = x s 
 
 `apply` then computes, in eval mode (dropout off),
 
-    ResNet50:   x = maxpool(relu(conv(images)))
+    ResNet50:   x = maxpool(relu(conv(images)))   (no max pool after the small stem)
                 bottleneck: h1 = relu(conv_1(x)), h2 = relu(conv_2(h1)),
                             x = relu(shortcut(x) + conv_3(h2)),  shortcut = identity or conv
                 logits = mean(x) W_head + b_head
@@ -50,7 +50,7 @@ restated here. `unfold` writes a form back into the same model's variables, ever
 x -> x + b. Forms and images are checked by the public functions (`families`), not here.
 """
 
-import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -187,21 +187,35 @@ def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
                     jnp.asarray(images, dtype))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(structure: BaselineStructure, form: dict, x: jax.Array) -> jax.Array:
-    """The equations of the module docstring."""
+def forward(structure: BaselineStructure, form: dict, x: jax.Array,
+            read: Callable[[str, jax.Array], None] | None = None) -> jax.Array:
+    """The equations of the module docstring: logits of a form of JAX arrays. For a ResNet50,
+    `read(stream, u)`, if given, sees every value u that a layer reads a stream (named as in
+    `group_spec`) as: block inputs, hidden activations and the head's unpooled input."""
 
     def affine(layer, x):
         return _affine(layer, form[layer.path], x)
 
+    def seen(stream, x):
+        if read:
+            read(stream, x)
+        return x
+
     if structure.model == 'ResNet50':
-        x = nn.max_pool(nn.relu(affine(structure.stem, x)), (3, 3), strides=(2, 2),
-                        padding=((1, 1), (1, 1)))
+        x = nn.relu(affine(structure.stem, x))
+        if structure.stem_pool:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        stream = 'stem'
         for block in structure.blocks:
             first, middle, last = block.convs
-            y = affine(last, nn.relu(affine(middle, nn.relu(affine(first, x)))))
-            x = nn.relu((affine(block.shortcut, x) if block.shortcut else x) + y)
-        return affine(structure.head[0], jnp.mean(x, axis=(1, 2)))
+            seen(stream, x)
+            hidden = seen(f'{block.name}/hidden1', nn.relu(affine(first, x)))
+            hidden = seen(f'{block.name}/hidden2', nn.relu(affine(middle, hidden)))
+            x = nn.relu((affine(block.shortcut, x) if block.shortcut else x) + affine(last, hidden))
+            stream = block.name if block.shortcut else stream
+        return affine(structure.head[0], jnp.mean(seen(stream, x), axis=(1, 2)))
+    if read:
+        raise NotImplementedError('reading streams is implemented for ResNet50 only')
     x = nn.hard_swish(affine(structure.stem, x))
     for block in structure.blocks:
         act = getattr(jax.nn, block.activation)
@@ -216,6 +230,9 @@ def _forward(structure: BaselineStructure, form: dict, x: jax.Array) -> jax.Arra
     last_conv, fc1, fc2 = structure.head
     x = jnp.mean(nn.hard_swish(affine(last_conv, x)), axis=(1, 2))
     return affine(fc2, nn.hard_swish(affine(fc1, x)))
+
+
+_forward = jax.jit(forward, static_argnums=0)
 
 
 def _put(tree: dict, path: str, value) -> None:

@@ -150,6 +150,7 @@ class BaselineStructure:
     head: tuple[Layer, ...]    # after the blocks: ResNet (head,); MobileNet (last_conv, fc1, fc2)
     epsilons: tuple[tuple[str, float], ...]
     variable_shapes: tuple[tuple[str, tuple[int | None, ...]], ...]
+    stem_pool: bool = False    # ResNet50's ImageNet stem: a 3x3/2 max pool after it
 
     def epsilon(self, path: str) -> float:
         return dict(self.epsilons)[path]
@@ -254,7 +255,8 @@ def trace_baseline(model: baselines.ResNet50 | baselines.MobileNetV3Large) -> Ba
                        else leaf.shape))
     return BaselineStructure(
         model=type(model).__name__, stem=outer[0], blocks=tuple(blocks), head=tuple(outer[1:]),
-        epsilons=tuple(batch_norms(top)), variable_shapes=tuple(shapes))
+        epsilons=tuple(batch_norms(top)), variable_shapes=tuple(shapes),
+        stem_pool=isinstance(model, baselines.ResNet50) and model.stem != 'small')
 
 
 def trace(model) -> Structure | BaselineStructure:
