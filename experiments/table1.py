@@ -28,7 +28,8 @@ The reduced protocol (`--variant=fashion_mnist`): the Fashion-MNIST variant of e
 main command's widths 16, 32, 128, 256 and depths 1, 1, 1, 1, with the row's block, weight
 sharing, multiplier and activation; ResNet50 and MobileNetV3 with their small-input stem), for
 REDUCED_EPOCHS epochs instead of the main command's 5, so that the 36 runs fit about two hours
-on 2 CPU cores.
+on 2 CPU cores (an estimate from the training speeds of the main command and of the
+small-input ResNet50).
 
 The breakdown study (paper, section 3: "once we remove all the activation functions, or use only
 ReLU, the training is prone to break down"): Eq. (3) with no activation, relu@all, hardtanh@ds
