@@ -55,6 +55,7 @@ def clean_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores; test_train.py kills and resumes in the fast suite
 def test_kill_9_at_random_moments_resumes_to_identical_parameters(clean_run, tmp_path):
     """Three trials: kill -9 a random 0-1.5 s after training starts (the step-0 checkpoint
     is on disk), then run the same command again to the end."""
