@@ -243,6 +243,13 @@ def test_bad_keep_is_refused(images, keep):
         slicing.slice_variables(cfg, variables, images, keep=keep)
 
 
+def test_images_of_the_wrong_shape_are_refused(images):
+    cfg, _, variables = make_case()
+    for bad in (images[..., :1].repeat(3, -1), images[0], images[:0]):
+        with pytest.raises(ValueError, match=r'images must be an NHWC batch of shape \(N, H, W, 1\)'):
+            slicing.slice_variables(cfg, variables, bad, keep=0.5)
+
+
 def test_other_equations_and_methods_are_refused(images):
     cfg, model, variables = make_case(equation=4)
     with pytest.raises(ValueError, match=r'Eq\. \(3\) for now; this model is Eq\. \(4\)'):

@@ -54,7 +54,7 @@ import numpy as np
 from qhnet import models
 from qhnet.symmetry import baseline_family, groups, qhnet_family
 from qhnet.symmetry.action import act
-from qhnet.symmetry.families import fold, group_spec, unfold
+from qhnet.symmetry.families import check_images, fold, group_spec, unfold
 from qhnet.symmetry.folding import HIGHEST
 from qhnet.symmetry.spec import GroupSpec
 from qhnet.symmetry.structure import BaselineStructure, Structure, trace
@@ -347,6 +347,7 @@ def calibrate(config: ml_collections.ConfigDict, variables: dict,
     _check_prunable(spec)
     with jax.enable_x64(True):
         form = fold(spec, variables, np.float64)
+        check_images(spec, form, images)
         moments = stream_moments(spec, form, np.asarray(images, np.float64))
     return Calibration(spec, form, moments, np.asarray(images))
 
