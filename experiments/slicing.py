@@ -59,15 +59,20 @@ def keep_for(config, spec, removed: float) -> float:
     the original's parameters; 1.0 for removed = 0."""
     if removed <= 0:
         return 1.0
-    budget = (1 - removed) * param_count(config.model)
     stages = slicing.stage_streams(spec, config.model)
-    for step in range(256, 0, -1):
-        keep = step / 256
+
+    def params_at(keep):
         kept = slicing.kept_widths(spec, keep)
-        sliced = slicing.sliced_config(config, [kept[name] for name in stages])
-        if param_count(sliced.model) <= budget:
-            return keep
-    return 1 / 256
+        return param_count(slicing.sliced_config(config, [kept[name] for name in stages]).model)
+
+    return largest_keep(params_at, (1 - removed) * param_count(config.model))
+
+
+def largest_keep(params_at, budget: float) -> float:
+    """The largest keep on a grid of 1/256 whose model has at most `budget` parameters
+    (`params_at(keep)`); 1/256 if none has."""
+    return next((step / 256 for step in range(256, 0, -1) if params_at(step / 256) <= budget),
+                1 / 256)
 
 
 def finetune(sliced: slicing.Sliced, epochs: int, lr_factor: float, step: int,
@@ -86,7 +91,7 @@ def run_resnet(workdir: str, args) -> list[dict]:
     """Baseline (c): the ResNet50 of the same recipe, every stream (residual and hidden) cut
     by 'select' and 'magnitude' at the largest keep that removes each target (no rotation: its
     group has none); parameters are those of the folded form."""
-    step, config, variables = train.restore_variables(workdir)
+    _, config, variables = train.restore_variables(workdir)
     dataset = data.open_dataset(config.data)
     images = first_images(dataset, 'train', args.calibration_images)
     calibration = slicing.calibrate(config, variables, images)
@@ -104,8 +109,7 @@ def run_resnet(workdir: str, args) -> list[dict]:
 
     before, rows = top1(form), []
     for removed in args.removed:
-        keep = next((step / 256 for step in range(256, 0, -1)
-                     if params_at(step / 256) <= (1 - removed) * params_before), 1 / 256)
+        keep = largest_keep(params_at, (1 - removed) * params_before)
         for method in ('select', 'magnitude'):
             pruned, kept = slicing.prune(calibration, keep, method)
             row = dict(model='ResNet50', workdir=workdir, seed=int(config.seed),
