@@ -182,7 +182,8 @@ def aggregate(runs: list[Run], variant: str) -> list[dict]:
     rows = []
     for name in dict.fromkeys(run.name for run in runs):
         mine = [run for run in runs if run.name == name]
-        done = [(run, finished(run)) for run in mine if finished(run)]
+        done = [(run, summary) for run, summary in ((run, finished(run)) for run in mine)
+                if summary]
         top1 = [summary['test_top1'] for _, summary in done]
         # The paper's figures belong to a row as the table has it, not to a study's variation.
         paper = qhnet_config.ROWS[mine[0].row] if name == mine[0].row else None
