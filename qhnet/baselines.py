@@ -12,6 +12,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
@@ -33,6 +34,100 @@ def _torch_conv(features: int, kernel_size: int, strides: int = 1, **kwargs) -> 
         kernel_init=_KAIMING_FAN_OUT,
         **kwargs,
     )
+
+
+# Depthwise convolutions as stencils on the CPU: XLA:CPU runs a convolution with one group per
+# channel, and its input gradient at stride 2, 10-100x slower than these elementwise sums.
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _correlate(padded, kernel, stride, out_h, out_w):
+    """sum over taps (dy, dx) of padded[:, s*o + dy, s*o' + dx, c] * kernel[dy, dx, 0, c],
+    accumulated in float32 (float64 for float64 inputs)."""
+    accumulate = jnp.promote_types(padded.dtype, jnp.float32)
+    size, channels = kernel.shape[0], kernel.shape[-1]
+    total = None
+    for dy in range(size):
+        for dx in range(size):
+            window = jax.lax.slice(
+                padded, (0, dy, dx, 0),
+                (padded.shape[0], dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1, channels),
+                (1, stride, stride, 1))
+            term = window.astype(accumulate) * kernel[dy, dx, 0].astype(accumulate)
+            total = term if total is None else total + term
+    return total
+
+
+def _pad_hw(x, height, width):
+    """Zero padding of the two spatial axes: (low, high, interior) each."""
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), height, width, (0, 0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, stride, padding):
+    """y[b, o, c] = sum over taps t of window_t(x)[b, o, c] * kernel[t, 0, c], in x's dtype:
+    a depthwise convolution (kernel (k, k, 1, C)), zero padding `padding` ((lo, hi) per axis)."""
+    return _depthwise_forward(x, kernel, stride, padding)[0]
+
+
+def _depthwise_forward(x, kernel, stride, padding):
+    (top, bottom), (left, right) = padding
+    size = kernel.shape[0]
+    out_h = (x.shape[1] + top + bottom - size) // stride + 1
+    out_w = (x.shape[2] + left + right - size) // stride + 1
+    padded = _pad_hw(x, (top, bottom, 0), (left, right, 0))
+    return _correlate(padded, kernel, stride, out_h, out_w).astype(x.dtype), (x, kernel)
+
+
+def _depthwise_backward(stride, padding, residuals, g):
+    """dx: the cotangent dilated by the stride and correlated with the flipped kernel, cropped
+    to x. dkernel[t, 0, c]: one reduction of window_t(x) * g per tap."""
+    x, kernel = residuals
+    (top, bottom), (left, right) = padding
+    size = kernel.shape[0]
+    batch, height, width, channels = x.shape
+    out_h, out_w = g.shape[1:3]
+    padded_h, padded_w = height + top + bottom, width + left + right
+    dilated = _pad_hw(g, (size - 1, padded_h - stride * (out_h - 1) - 1, stride - 1),
+                      (size - 1, padded_w - stride * (out_w - 1) - 1, stride - 1))
+    dx_padded = _correlate(dilated, kernel[::-1, ::-1], 1, padded_h, padded_w)
+    dx = dx_padded[:, top:top + height, left:left + width].astype(x.dtype)
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    x_padded = _pad_hw(x, (top, bottom, 0), (left, right, 0)).astype(accumulate)
+    g = g.astype(accumulate)
+    taps = [jnp.sum(jax.lax.slice(x_padded, (0, dy, dx_, 0),
+                                  (batch, dy + stride * (out_h - 1) + 1,
+                                   dx_ + stride * (out_w - 1) + 1, channels),
+                                  (1, stride, stride, 1)) * g, axis=(0, 1, 2))
+            for dy in range(size) for dx_ in range(size)]
+    return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_forward, _depthwise_backward)
+
+
+def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                   rhs_dilation=None, dimension_numbers=None,
+                                   feature_group_count=1, precision=None, **kwargs):
+    """`jax.lax.conv_general_dilated` for `nn.Conv`'s `conv_general_dilated`. On the CPU a
+    depthwise NHWC convolution (a square kernel per channel, equal strides, no dilation) runs
+    as `_depthwise`, accumulated at full precision; anything else, and every convolution on
+    other backends (whose libraries have fast depthwise kernels), goes to XLA as it is."""
+    depthwise = (jax.default_backend() == "cpu"
+                 and feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1
+                 and rhs.shape[0] == rhs.shape[1] and len(set(window_strides)) == 1
+                 and not kwargs and not isinstance(padding, str)
+                 and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+                 and dimension_numbers is not None
+                 and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                 == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    if not depthwise:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+            precision=precision, **kwargs)
+    return _depthwise(lhs, rhs, window_strides[0], tuple(map(tuple, padding)))
 
 
 def _global_avg_pool(x: jnp.ndarray, keepdims: bool = False) -> jnp.ndarray:
@@ -196,6 +291,7 @@ class _InvertedResidual(nn.Module):
             self.kernel_size,
             strides=self.strides,
             feature_group_count=self.expanded_features,
+            conv_general_dilated=depthwise_conv_general_dilated,
         )(y)
         y = activation(self.norm()(y))
         if self.use_se:

@@ -9,6 +9,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
+from qhnet import baselines
 from qhnet.baselines import MobileNetV3Large, ResNet50
 
 MODELS = [ResNet50, MobileNetV3Large]
@@ -25,6 +26,35 @@ def abstract_variables(model, image_size=32):
 
 def num_params(variables):
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("size,stride,shape", [(3, 1, (2, 7, 9, 5)), (3, 2, (2, 8, 9, 5)),
+                                               (5, 1, (2, 6, 6, 4)), (5, 2, (3, 9, 7, 4))])
+def test_depthwise_stencil_equals_the_grouped_convolution(size, stride, shape):
+    """MobileNetV3's depthwise convolutions on the CPU: values, input and kernel gradients
+    equal XLA's grouped convolution (float64), odd and even sizes, strides 1 and 2."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+        kernel = jax.random.normal(jax.random.key(1), (size, size, 1, shape[-1]), jnp.float64)
+        padding = ((size // 2, size // 2),) * 2
+        numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+        def loss(conv, x, kernel):
+            y = conv(x, kernel, (stride, stride), padding, dimension_numbers=numbers,
+                     feature_group_count=shape[-1], precision=jax.lax.Precision.HIGHEST)
+            return jnp.sum(jnp.sin(y)), y
+
+        (_, stencil), stencil_grads = jax.value_and_grad(
+            functools.partial(loss, baselines.depthwise_conv_general_dilated), (0, 1),
+            has_aux=True)(x, kernel)
+        (_, grouped), grouped_grads = jax.value_and_grad(
+            functools.partial(loss, jax.lax.conv_general_dilated), (0, 1), has_aux=True)(x, kernel)
+        traced = jax.make_jaxpr(lambda x, kernel: loss(
+            baselines.depthwise_conv_general_dilated, x, kernel))(x, kernel)
+        assert "conv_general_dilated" not in str(traced)  # the stencil, not XLA's convolution
+        np.testing.assert_allclose(stencil, grouped, rtol=0, atol=1e-12)
+        for mine, xla in zip(stencil_grads, grouped_grads):
+            np.testing.assert_allclose(mine, xla, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
