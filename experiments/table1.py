@@ -23,13 +23,15 @@ or not, the results go to `experiments/table1/<variant>.md` and `.json` (the stu
 `top1_seeds` holds the finished seeds only (`seeds` names them); `rollbacks` and `wall_seconds`
 are summed over the row's seeds and over every process of a run (a resumed run counts the
 time of each attempt); `train_images_per_second` is the mean over seeds.
+The table (not the study) also sets every row against REFERENCE_ROW, the paper's main model
+(`comparisons`: the difference of mean top-1 here and in the paper, and whether it exceeds
+the spread across seeds, `against`).
 
 The reduced protocol (`--variant=fashion_mnist`): the Fashion-MNIST variant of each row (the
 main command's widths 16, 32, 128, 256 and depths 1, 1, 1, 1, with the row's block, weight
 sharing, multiplier and activation; ResNet50 and MobileNetV3 with their small-input stem), for
 REDUCED_EPOCHS epochs instead of the main command's 5, so that the 36 runs fit about two hours
-on 2 CPU cores (an estimate from the training speeds of the main command and of the
-small-input ResNet50).
+on 2 CPU cores (the results table gives the measured total).
 
 The breakdown study (paper, section 3: "once we remove all the activation functions, or use only
 ReLU, the training is prone to break down"): Eq. (3) with no activation, relu@all, hardtanh@ds
@@ -57,6 +59,7 @@ ROOT = os.path.dirname(HERE)
 HARNESS_FILE, LOG_FILE, SUMMARY_FILE, METRICS_FILE = (
     'harness.json', 'harness.log', 'summary.json', 'metrics.jsonl')
 REDUCED_EPOCHS = 1
+REFERENCE_ROW = 'eq3_softball'  # the paper's main model: the table's differences are against it
 # (label, row, model overrides) of the breakdown study, each at every LR factor.
 BREAKDOWN = (('Eq. (3) no activation', 'eq3_softball', {'model.activation': 'identity'}),
              ('Eq. (3) relu@all', 'eq3_relu_all', {}),
@@ -204,6 +207,28 @@ def aggregate(runs: list[Run], variant: str) -> list[dict]:
     return rows
 
 
+def against(rows: list[dict], reference: str) -> list[dict]:
+    """Each row's difference from `reference` here and in the paper, in top-1 points, and
+    whether it exceeds the spread across seeds: the two rows' seed ranges do not overlap (every
+    seed of one above every seed of the other). Rows with fewer than 2 finished seeds, like
+    the reference, are left out."""
+    base = next((r for r in rows if r['row'] == reference), None)
+    if base is None or len(base['top1_seeds']) < 2:
+        return []
+    found = []
+    for r in rows:
+        if r is base or len(r['top1_seeds']) < 2:
+            continue
+        seeds, others = r['top1_seeds'], base['top1_seeds']
+        found.append(dict(
+            row=r['row'], reference=reference,
+            difference=100 * (r['top1_mean'] - base['top1_mean']),
+            paper_difference=(None if r['paper_top1'] is None or base['paper_top1'] is None
+                              else r['paper_top1'] - base['paper_top1']),
+            beyond_spread=min(seeds) > max(others) or max(seeds) < min(others)))
+    return found
+
+
 def _percent(value) -> str:
     return '-' if value is None else f'{100 * value:.2f}'
 
@@ -217,7 +242,7 @@ def _number(value) -> str:
 
 
 def markdown(rows: list[dict], variant: str, study: str | None, device: str,
-             note: str = '') -> str:
+             note: str = '', comparisons: list[dict] = ()) -> str:
     title = ('Breakdown study' if study == 'breakdown'
              else f'Table 1, {"reduced protocol" if variant == "fashion_mnist" else variant}')
     epochs = {r['overrides'].get('num_epochs') for r in rows} - {None}
@@ -239,6 +264,19 @@ def markdown(rows: list[dict], variant: str, study: str | None, device: str,
             f'{r["train_images_per_second"] or 0:.0f} | {r["rollbacks"]} | '
             f'{", ".join(map(str, r["gave_up"])) or "-"} | {r["wall_seconds"] / 60:.1f} | '
             f'{len(r["seeds"])}/{r["runs"]} |')
+    total = sum(r['wall_seconds'] for r in rows)
+    lines += ['', f'Wall time of every run together: {total / 3600:.2f} h '
+              f'({sum(len(r["seeds"]) for r in rows)} runs finished of {sum(r["runs"] for r in rows)}).']
+    if comparisons:
+        reference = comparisons[0]['reference']
+        lines += ['', f'Against {reference}: mean top-1 difference (points), here and in the paper; '
+                  'beyond the spread when no seed of one row reaches any seed of the other.', '',
+                  f'| row | here, vs {reference} | paper, vs {reference} | beyond the spread |',
+                  '|---|---:|---:|---|']
+        for c in comparisons:
+            paper = '-' if c['paper_difference'] is None else f'{c["paper_difference"]:+.2f}'
+            lines.append(f'| {c["row"]} | {c["difference"]:+.2f} | {paper} | '
+                         f'{"yes" if c["beyond_spread"] else "no"} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -294,9 +332,10 @@ def main(argv=None) -> int:
                                 f'{os.path.join(run.workdir, LOG_FILE)}')
     from benchmarks import timing  # imports JAX: only once the runs are done
     rows = aggregate(runs, args.variant)
+    comparisons = [] if args.study else against(rows, REFERENCE_ROW)
     report = dict(variant=args.variant, study=args.study, device=timing.device_name(),
-                  note=args.note, rows=rows)
-    text = markdown(rows, args.variant, args.study, report['device'], args.note)
+                  note=args.note, rows=rows, comparisons=comparisons)
+    text = markdown(rows, args.variant, args.study, report['device'], args.note, comparisons)
     print(text)
     timing.write_report(output_path(args), text, report)
     if failed:

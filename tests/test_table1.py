@@ -75,6 +75,24 @@ def test_two_digits_rows_train_and_aggregate(tmp_path, capsys):
     assert len(state['attempts']) == 1
 
 
+def test_differences_are_read_against_the_spread_across_seeds():
+    def row(name, top1, paper):
+        return dict(row=name, top1_seeds=top1, top1_mean=sum(top1) / len(top1), paper_top1=paper)
+
+    rows = [row('eq3_softball', [0.90, 0.91, 0.92], 83.66), row('apart', [0.93, 0.94, 0.95], 84.0),
+            row('overlapping', [0.89, 0.915, 0.93], 82.0), row('one_seed', [0.99], 85.0),
+            row('no_paper', [0.80, 0.81], None)]
+    found = {c['row']: c for c in table1.against(rows, 'eq3_softball')}
+    assert set(found) == {'apart', 'overlapping', 'no_paper'}
+    assert found['apart']['beyond_spread'] and found['no_paper']['beyond_spread']
+    assert not found['overlapping']['beyond_spread']
+    assert abs(found['apart']['difference'] - 3.0) < 1e-9
+    assert abs(found['overlapping']['paper_difference'] - (82.0 - 83.66)) < 1e-9
+    assert found['no_paper']['paper_difference'] is None
+    # Without a reference of 2 or more seeds there is nothing to compare against.
+    assert table1.against(rows, 'one_seed') == [] and table1.against(rows, 'missing') == []
+
+
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
     runs_dir, out = tmp_path / 'runs', tmp_path / 'digits'
     args = ['--variant=digits', '--rows', 'eq3_softball', '--seeds', '0', '--num_epochs', '3',
