@@ -42,18 +42,24 @@ def _torch_conv(features: int, kernel_size: int, strides: int = 1, **kwargs) -> 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _window(padded, dy, dx, stride, out_h, out_w):
+    """padded[:, s*o + dy, s*o' + dx, :] for the out_h x out_w output positions (o, o')."""
+    return jax.lax.slice(
+        padded, (0, dy, dx, 0),
+        (padded.shape[0], dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1,
+         padded.shape[-1]),
+        (1, stride, stride, 1))
+
+
 def _correlate(padded, kernel, stride, out_h, out_w):
     """sum over taps (dy, dx) of padded[:, s*o + dy, s*o' + dx, c] * kernel[dy, dx, 0, c],
     accumulated in float32 (float64 for float64 inputs)."""
     accumulate = jnp.promote_types(padded.dtype, jnp.float32)
-    size, channels = kernel.shape[0], kernel.shape[-1]
+    size = kernel.shape[0]
     total = None
     for dy in range(size):
         for dx in range(size):
-            window = jax.lax.slice(
-                padded, (0, dy, dx, 0),
-                (padded.shape[0], dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1, channels),
-                (1, stride, stride, 1))
+            window = _window(padded, dy, dx, stride, out_h, out_w)
             term = window.astype(accumulate) * kernel[dy, dx, 0].astype(accumulate)
             total = term if total is None else total + term
     return total
@@ -86,7 +92,7 @@ def _depthwise_backward(stride, padding, residuals, g):
     x, kernel = residuals
     (top, bottom), (left, right) = padding
     size = kernel.shape[0]
-    batch, height, width, channels = x.shape
+    height, width = x.shape[1:3]
     out_h, out_w = g.shape[1:3]
     padded_h, padded_w = height + top + bottom, width + left + right
     dilated = _pad_hw(g, (size - 1, padded_h - stride * (out_h - 1) - 1, stride - 1),
@@ -96,10 +102,7 @@ def _depthwise_backward(stride, padding, residuals, g):
     accumulate = jnp.promote_types(x.dtype, jnp.float32)
     x_padded = _pad_hw(x, (top, bottom, 0), (left, right, 0)).astype(accumulate)
     g = g.astype(accumulate)
-    taps = [jnp.sum(jax.lax.slice(x_padded, (0, dy, dx_, 0),
-                                  (batch, dy + stride * (out_h - 1) + 1,
-                                   dx_ + stride * (out_w - 1) + 1, channels),
-                                  (1, stride, stride, 1)) * g, axis=(0, 1, 2))
+    taps = [jnp.sum(_window(x_padded, dy, dx_, stride, out_h, out_w) * g, axis=(0, 1, 2))
             for dy in range(size) for dx_ in range(size)]
     return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
 
