@@ -15,8 +15,8 @@ digest) to `<workdir>/corrupt_checkpoints/` so that training can save past it ag
 A checkpoint without a digest is trusted only in a workdir that has none at all (one
 written before digests existed).
 
-A save that fails, e.g. on a full disk, raises `CheckpointWriteError`; the checkpoints
-already written are left as they were. A rollback that walks back past a checkpoint (its
+A save that fails, e.g. on a full disk, raises `CheckpointWriteError`; what it wrote of
+the new checkpoint is removed, and the checkpoints written before are left as they were. A rollback that walks back past a checkpoint (its
 state broke down again) moves it to `<workdir>/abandoned_checkpoints/`.
 """
 
@@ -202,6 +202,7 @@ class CheckpointStore:
     def save(self, step: int, variables: Any, optimizer: Any,
              config: ml_collections.ConfigDict) -> None:
         """Writes a checkpoint and its digest; returns once both are on disk."""
+        existed = step in self.steps()
         held = _HoldOrbaxErrors()
         held.hold()
         try:
@@ -217,6 +218,8 @@ class CheckpointStore:
             # each as the process exits, after the one-line error.
             warnings.filterwarnings('ignore', message="coroutine '.*' was never awaited",
                                     category=RuntimeWarning)
+            if not existed:
+                self._discard_unfinished(step)
             kept = [s for s in self.steps() if s != step]
             reason = 'the disk is full' if _disk_full(error) else _describe(error)
             raise CheckpointWriteError(
@@ -227,6 +230,16 @@ class CheckpointStore:
         held.release()
         for message in held.held:  # errors of a save that still succeeded: shown, briefly
             logging.warning('orbax reported while saving step %d: %s', step, message)
+
+    def _discard_unfinished(self, step: int) -> None:
+        """Removes what a failed save of `step` wrote (a checkpoint without its digest, a
+        partial digest), so that the store lists only checkpoints whose saves finished."""
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)
+            for path in (self._digest_path(step), self._digest_path(step) + '.tmp'):
+                if os.path.exists(path):
+                    os.remove(path)
+        self._manager.reload()
 
     def _digest_path(self, step: int) -> str:
         return os.path.join(self.workdir, DIGEST_DIR, f'{step}.json')

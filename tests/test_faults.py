@@ -149,3 +149,27 @@ def test_a_failing_writer_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
     step, _, variables = train.restore_variables(workdir)
     assert step == 23
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+
+
+def test_a_save_whose_digest_cannot_be_written_is_removed(tmp_path, monkeypatch):
+    """The disk fills after orbax has finished step 46 but before its digest is written:
+    the unverified step 46 is removed with the partial digest, and step 23 is the newest."""
+    digests = checkpoints.file_digests
+
+    def failing_digests(step_dir):
+        if os.path.basename(step_dir) == '46':
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return digests(step_dir)
+
+    monkeypatch.setattr(checkpoints, 'file_digests', failing_digests)
+    config = qhnet_config.row_config('eq3_softball', 'digits')
+    config.num_epochs, config.progress_bar = 3, False
+    workdir = tmp_path / 'workdir'
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r'step 46 .*: the disk is full\. The checkpoints already there '
+                             r'\(23, 0\) are intact'):
+        train.train_and_evaluate(config, str(workdir))
+    assert sorted(os.listdir(workdir / checkpoints.CHECKPOINT_DIR)) == ['0', '23']
+    assert sorted(os.listdir(workdir / checkpoints.DIGEST_DIR)) == ['0.json', '23.json']
+    step, _, _ = train.restore_variables(str(workdir))
+    assert step == 23
