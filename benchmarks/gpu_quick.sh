@@ -30,7 +30,7 @@ cd "$repo"
 
 # The old loader (a git worktree at an old commit) is left out: its comparison is a
 # per-core CPU figure, and it needs that commit's history in this checkout.
-pipeline=(--no-baseline --models-json "$out/models.json")
+pipeline=(--no-baseline --rounds 1 --models-json "$out/models.json")
 if [[ $dry_run == 1 ]]; then
     export JAX_PLATFORMS=cpu
     data_root=$(mktemp -d)

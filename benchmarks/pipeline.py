@@ -8,13 +8,15 @@ at least `--batches` batches) after a warm-up:
 
 1. the old loader (a thread pool over PIL, float32 output; `--baseline`, default 4f1caf5),
    checked out with `git worktree` and run in a subprocess that imports that tree's `qhnet`:
-   decode + random-resized crop + flip at each `--threads` count;
+   decode + random-resized crop + flip at each `--threads` count, alternating `--rounds`
+   times with (2a), so that a change in machine load hits both; medians are reported;
 2. the new grain loader (this working tree's `qhnet.data`) in this process
    (num_workers=0): (a) crop + flip, (b) + RandAugment + random erasing;
 3. the new loader with `--workers` grain worker processes, (a) and (b);
 4. decoders alone, on the same JPEGs and crop boxes: decode + crop + resize to 224 with a
-   full PIL decode, PIL's reduced-size `draft` decode (what qhnet.data does), and
-   simplejpeg's reduced-size decode when it is installed.
+   full PIL decode and PIL's bilinear resize (the old loader's), PIL's reduced-size
+   `draft` decode, simplejpeg's reduced-size decode, and qhnet.data's own (simplejpeg's
+   full decode, OpenCV's bilinear resize).
 
 images/s per core = images / CPU seconds: of every thread of the process and, with worker
 processes, of the workers too (`getrusage(RUSAGE_CHILDREN)` over the iterator's life,
@@ -31,6 +33,7 @@ when Fashion-MNIST is not installed. A default run takes a few minutes on 2 core
 """
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
@@ -49,10 +52,7 @@ from PIL import Image
 
 from benchmarks import timing
 
-try:
-    import simplejpeg
-except ImportError:  # the decoder comparison then leaves it out
-    simplejpeg = None
+import simplejpeg
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +61,9 @@ ACCELERATOR_IMAGES_PER_SECOND = 3000
 PREFETCH_BATCHES = 2  # how far ahead both loaders decode (per worker for grain's workers)
 DECODER_SAMPLE = 256  # JPEGs held in memory for the decoder comparison
 DECODER_CHUNK = 16  # images each decoder decodes per turn
-FULL_DECODE, DRAFT_DECODE, SIMPLEJPEG_DECODE = (
-    'PIL full decode', 'PIL draft (qhnet.data)', 'simplejpeg min_height/min_width')
+FULL_DECODE, DRAFT_DECODE, SIMPLEJPEG_DECODE, QHNET_DECODE = (
+    'PIL full decode, PIL resize', 'PIL draft, PIL resize',
+    'simplejpeg min_height/min_width, PIL resize', 'simplejpeg, OpenCV resize (qhnet.data)')
 ERASING = 0.4
 # The new loader's augmentations: (a) the old loader's, (b) the training recipe's.
 AUGMENTATIONS = {
@@ -220,22 +221,36 @@ def git(*args: str) -> str:
                           check=True).stdout.strip()
 
 
-def measure_old_loader(revision: str, request: dict) -> list[dict]:
-    """The old loader's runs, from a subprocess in a temporary worktree at `revision`."""
+@contextlib.contextmanager
+def baseline_worktree(revision: str) -> Iterator[str]:
+    """A temporary git worktree of `revision`, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix='qhnet-baseline-') as parent:
         worktree = os.path.join(parent, revision)
         git('worktree', 'add', '--detach', worktree, revision)
         try:
-            # Our benchmarks package is imported from REPO_ROOT first; the baseline's qhnet after.
-            code = ('import json, sys; from benchmarks import pipeline; '
-                    'pipeline.print_old_loader_runs(sys.argv[1], json.loads(sys.argv[2]))')
-            result = subprocess.run([sys.executable, '-c', code, worktree, json.dumps(request)],
-                                    cwd=REPO_ROOT, capture_output=True, text=True)
+            yield worktree
         finally:
             git('worktree', 'remove', '--force', worktree)
+
+
+def measure_old_loader(worktree: str, request: dict) -> list[dict]:
+    """The old loader's runs, from a subprocess that imports the `qhnet` of `worktree`."""
+    # Our benchmarks package is imported from REPO_ROOT first; the baseline's qhnet after.
+    code = ('import json, sys; from benchmarks import pipeline; '
+            'pipeline.print_old_loader_runs(sys.argv[1], json.loads(sys.argv[2]))')
+    result = subprocess.run([sys.executable, '-c', code, worktree, json.dumps(request)],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f'the old loader failed:\n{result.stderr[-3000:]}')
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median images/s per core (the upper one of an even count), with the
+    per-core rates of all rounds beside it."""
+    ordered = sorted(runs, key=lambda run: run['images_per_core_second'])
+    return dict(ordered[len(ordered) // 2],
+                rounds_per_core=[run['images_per_core_second'] for run in runs])
 
 
 def cpu_seconds_of_children() -> float:
@@ -338,12 +353,18 @@ def decode_simplejpeg(jpeg: bytes, box, size: int) -> Decoded:
     return np.asarray(image.resize((size, size), Image.BILINEAR, box=box)), image.size
 
 
+def decode_qhnet(jpeg: bytes, box, size: int) -> Decoded:
+    """What `qhnet.data` does: libjpeg-turbo's full decode (simplejpeg), OpenCV's resize."""
+    from qhnet import data  # noqa: PLC0415
+    pixels = data._decode_pixels(jpeg, 3)  # pylint: disable=protected-access
+    resized = data._resize(pixels, box, size)  # pylint: disable=protected-access
+    return resized, (pixels.shape[1], pixels.shape[0])
+
+
 def decoders() -> dict[str, Callable[[bytes, tuple, int], Decoded]]:
-    """The decoders to compare, the full decode first; simplejpeg's if it is installed."""
-    candidates = {FULL_DECODE: decode_pil_full, DRAFT_DECODE: decode_pil_draft}
-    if simplejpeg is not None:
-        candidates[SIMPLEJPEG_DECODE] = decode_simplejpeg
-    return candidates
+    """The decoders to compare, the old loader's (PIL's full decode and resize) first."""
+    return {FULL_DECODE: decode_pil_full, DRAFT_DECODE: decode_pil_draft,
+            SIMPLEJPEG_DECODE: decode_simplejpeg, QHNET_DECODE: decode_qhnet}
 
 
 def crop_boxes(jpegs: list[bytes], seed: int = 0) -> list[tuple[int, int, int, int]]:
@@ -451,8 +472,8 @@ def summary(report: dict) -> dict:
                                              / in_process['crop_flip']),
         most_workers=most_workers, new_per_core_with_workers=with_workers,
         fastest_decoder=fastest,
-        draft_over_full=rates[DRAFT_DECODE] / rates[FULL_DECODE],
-        draft_over_fastest=rates[DRAFT_DECODE] / rates[fastest])
+        qhnet_over_full=rates[QHNET_DECODE] / rates[FULL_DECODE],
+        qhnet_over_fastest=rates[QHNET_DECODE] / rates[fastest])
 
 
 def markdown(report: dict) -> str:
@@ -475,22 +496,29 @@ def markdown(report: dict) -> str:
         '',
         '## Old against new, per core, at equal augmentation (random-resized crop + flip)',
         '',
-        'The old loader decodes every JPEG in full and returns normalised float32; the new one '
-        'asks PIL for a reduced-size decode (`draft`; the decoder table says how often it gets '
-        'one) and returns uint8, normalised on the device.',
+        'The old loader decodes every JPEG with PIL, resizes the crop with PIL\'s filtered '
+        'bilinear resample and returns normalised float32; the new one decodes JPEGs with '
+        'libjpeg-turbo (simplejpeg), resizes with OpenCV\'s bilinear interpolation (no '
+        'antialiasing filter; the decoder table gives the difference) and returns uint8, '
+        f'normalised on the device. Old and new alternated {report["rounds"]} times; medians, '
+        'with every round\'s per-core rate.',
         '',
-        '| loader | images/s (wall) | images/s per core | new / old per core |',
-        '|---|---:|---:|---:|',
+        '| loader | images/s (wall) | images/s per core | rounds, per core | '
+        'new / old per core |',
+        '|---|---:|---:|---|---:|',
     ]
     new = next(run for run in report['in_process'] if run['augmentation'] == 'crop_flip')
+    def rounds(run: dict) -> str:
+        return ' / '.join(f'{rate:.0f}' for rate in run.get('rounds_per_core', []))
+
     for run in report['old']:
         lines.append(f'| old ({report["baseline"]}), {run["threads"]} decode thread'
                      f'{"s" if run["threads"] > 1 else ""} | {run["images_per_second"]:.1f} | '
-                     f'{run["images_per_core_second"]:.1f} | '
+                     f'{run["images_per_core_second"]:.1f} | {rounds(run)} | '
                      f'{new["images_per_core_second"] / run["images_per_core_second"]:.2f}x |')
     lines += [
         f'| new, in process (num_workers=0) | {new["images_per_second"]:.1f} | '
-        f'{new["images_per_core_second"]:.1f} | |',
+        f'{new["images_per_core_second"]:.1f} | {rounds(new)} | |',
         '',
     ]
     if report['old']:
@@ -564,11 +592,14 @@ def markdown(report: dict) -> str:
                      f'{row["mean_abs_difference_from_full"]:.2f} |')
     lines += [
         '',
-        f'Fastest: **{s["fastest_decoder"]}**. qhnet.data uses PIL draft: '
-        f'{s["draft_over_full"]:.2f}x the full decode, {s["draft_over_fastest"]:.2f}x the '
-        'fastest. PIL\'s `draft` scales by 1/2, 1/4 or 1/8 only, and only when both sides of '
-        'the JPEG are at least that many times the size that still covers the crop at '
-        f'{size}; libjpeg-turbo (simplejpeg) has every scale M/8.',
+        f'Fastest: **{s["fastest_decoder"]}**. qhnet.data\'s is '
+        f'{s["qhnet_over_full"]:.2f}x the old loader\'s (PIL full decode and resize), '
+        f'{s["qhnet_over_fastest"]:.2f}x the fastest. Reduced-size decoding rarely pays here: '
+        'PIL\'s `draft` scales by 1/2, 1/4 or 1/8 only, when both sides of the JPEG are at '
+        f'least that many times the size that still covers the crop at {size}, and '
+        'libjpeg-turbo\'s other M/8 scales have no SIMD inverse DCT. The difference column '
+        'is against the first row; most of qhnet.data\'s comes from resizing without an '
+        'antialiasing filter (and from rounding the crop box to whole pixels).',
         '',
         f'## Cores needed for a {ACCELERATOR_IMAGES_PER_SECOND:,} img/s accelerator step',
         '',
@@ -634,6 +665,8 @@ def main(argv=None) -> None:
     parser.add_argument('--workers', type=positive_integers, default=[1, 2],
                         help="the new loader's worker processes, e.g. 1,2")
     parser.add_argument('--baseline', default=BASELINE, help='git revision of the old loader')
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='old/new crop + flip measurements, alternating')
     parser.add_argument('--no-baseline', action='store_true',
                         help='skip the old loader (its git worktree and subprocess)')
     parser.add_argument('--models-json', default='benchmarks/models_cpu.json')
@@ -656,15 +689,24 @@ def main(argv=None) -> None:
     loader_source = dict(data_dir=data_dir, class_list=class_list, image_size=args.image_size)
     timing_args = dict(batch=args.batch, seconds=args.seconds, min_batches=args.batches)
 
-    old = []
-    if not args.no_baseline:
-        progress(f'old loader ({args.baseline}), {args.threads} threads ...')
-        old = measure_old_loader(args.baseline, dict(**loader_source, **timing_args,
-                                                     threads=args.threads))
-    in_process, workers = [], []
+    old_rounds, new_rounds = [], []
+    with (contextlib.nullcontext() if args.no_baseline
+          else baseline_worktree(args.baseline)) as worktree:
+        for round_index in range(args.rounds):
+            if worktree:
+                progress(f'round {round_index + 1}: old loader ({args.baseline}), '
+                         f'{args.threads} threads ...')
+                old_rounds.append(measure_old_loader(worktree, dict(
+                    **loader_source, **timing_args, threads=args.threads)))
+            progress(f'round {round_index + 1}: new loader in process, crop_flip ...')
+            new_rounds.append(measure_new_loader(loader_source, 'crop_flip', 0, **timing_args))
+    old = [median_run([runs[i] for runs in old_rounds]) for i in range(len(args.threads))
+           ] if old_rounds else []
+    in_process, workers = [median_run(new_rounds)], []
     for augmentation in AUGMENTATIONS:
-        progress(f'new loader in process, {augmentation} ...')
-        in_process.append(measure_new_loader(loader_source, augmentation, 0, **timing_args))
+        if augmentation != 'crop_flip':
+            progress(f'new loader in process, {augmentation} ...')
+            in_process.append(measure_new_loader(loader_source, augmentation, 0, **timing_args))
     for count in args.workers:
         for augmentation in AUGMENTATIONS:
             progress(f'new loader, {count} workers, {augmentation} ...')
@@ -674,7 +716,8 @@ def main(argv=None) -> None:
 
     report = dict(device=timing.device_name(), new_tree=new_tree_state(), baseline=args.baseline,
                   rand_augment=rand_augment_name(), image_size=args.image_size,
-                  batch=args.batch, seconds=args.seconds, min_batches=args.batches, source=source,
+                  batch=args.batch, seconds=args.seconds, min_batches=args.batches,
+                  rounds=args.rounds, source=source,
                   mean_jpeg_bytes=float(np.mean([len(jpeg) for jpeg in jpegs])),
                   decoder_images=len(jpegs), note=args.note, old=old, in_process=in_process,
                   workers=workers, decoders=decoder_rows, models_json=args.models_json,
