@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qhnet import derivative
+
 ModuleDef = Any
 
 # torchvision initialises every conv kernel with kaiming_normal_(mode="fan_out").
@@ -42,15 +44,6 @@ def _torch_conv(features: int, kernel_size: int, strides: int = 1, **kwargs) -> 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _window(padded, dy, dx, stride, out_h, out_w):
-    """padded[:, s*o + dy, s*o' + dx, :] for the out_h x out_w output positions (o, o')."""
-    return jax.lax.slice(
-        padded, (0, dy, dx, 0),
-        (padded.shape[0], dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1,
-         padded.shape[-1]),
-        (1, stride, stride, 1))
-
-
 def _correlate(padded, kernel, stride, out_h, out_w):
     """sum over taps (dy, dx) of padded[:, s*o + dy, s*o' + dx, c] * kernel[dy, dx, 0, c],
     accumulated in float32 (float64 for float64 inputs)."""
@@ -59,15 +52,10 @@ def _correlate(padded, kernel, stride, out_h, out_w):
     total = None
     for dy in range(size):
         for dx in range(size):
-            window = _window(padded, dy, dx, stride, out_h, out_w)
+            window = derivative.window(padded, dy, dx, stride, out_h, out_w)
             term = window.astype(accumulate) * kernel[dy, dx, 0].astype(accumulate)
             total = term if total is None else total + term
     return total
-
-
-def _pad_hw(x, height, width):
-    """Zero padding of the two spatial axes: (low, high, interior) each."""
-    return jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), height, width, (0, 0, 0)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -82,7 +70,7 @@ def _depthwise_forward(x, kernel, stride, padding):
     size = kernel.shape[0]
     out_h = (x.shape[1] + top + bottom - size) // stride + 1
     out_w = (x.shape[2] + left + right - size) // stride + 1
-    padded = _pad_hw(x, (top, bottom, 0), (left, right, 0))
+    padded = derivative.pad_hw(x, (top, bottom, 0), (left, right, 0))
     return _correlate(padded, kernel, stride, out_h, out_w).astype(x.dtype), (x, kernel)
 
 
@@ -95,15 +83,15 @@ def _depthwise_backward(stride, padding, residuals, g):
     height, width = x.shape[1:3]
     out_h, out_w = g.shape[1:3]
     padded_h, padded_w = height + top + bottom, width + left + right
-    dilated = _pad_hw(g, (size - 1, padded_h - stride * (out_h - 1) - 1, stride - 1),
-                      (size - 1, padded_w - stride * (out_w - 1) - 1, stride - 1))
+    dilated = derivative.pad_hw(g, (size - 1, padded_h - stride * (out_h - 1) - 1, stride - 1),
+                                (size - 1, padded_w - stride * (out_w - 1) - 1, stride - 1))
     dx_padded = _correlate(dilated, kernel[::-1, ::-1], 1, padded_h, padded_w)
     dx = dx_padded[:, top:top + height, left:left + width].astype(x.dtype)
     accumulate = jnp.promote_types(x.dtype, jnp.float32)
-    x_padded = _pad_hw(x, (top, bottom, 0), (left, right, 0)).astype(accumulate)
+    x_padded = derivative.pad_hw(x, (top, bottom, 0), (left, right, 0)).astype(accumulate)
     g = g.astype(accumulate)
-    taps = [jnp.sum(_window(x_padded, dy, dx_, stride, out_h, out_w) * g, axis=(0, 1, 2))
-            for dy in range(size) for dx_ in range(size)]
+    taps = [jnp.sum(derivative.window(x_padded, dy, dx_, stride, out_h, out_w) * g,
+                    axis=(0, 1, 2)) for dy in range(size) for dx_ in range(size)]
     return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
 
 

@@ -85,24 +85,27 @@ def _folded(x, kernel, group, stride):
     return y.reshape(batch, out_h, out_w, n * m)
 
 
-def _shifted(padded, out_h, out_w, stride):
-    """The 9 (strided) windows of a spatially padded (B, H+2, W+2, ...) array, tap-major."""
-    start = (0,) * padded.ndim
-    windows = []
-    for dy in range(3):
-        for dx in range(3):
-            begin = (0, dy, dx) + start[3:]
-            end = (padded.shape[0], dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1,
-                   *padded.shape[3:])
-            windows.append(jax.lax.slice(padded, begin, end, (1, stride, stride) + (1,) * (padded.ndim - 3)))
-    return windows
+def window(padded, dy, dx, stride, out_h, out_w):
+    """padded[:, s*o + dy, s*o' + dx, ...] at the out_h x out_w output positions (o, o') of
+    a stencil: one tap's (strided) window of a spatially padded (B, H, W, ...) array."""
+    trailing = padded.shape[3:]
+    return jax.lax.slice(
+        padded, (0, dy, dx) + (0,) * len(trailing),
+        (padded.shape[0], dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1,
+         *trailing),
+        (1, stride, stride) + (1,) * len(trailing))
 
 
-def _pad_hw(x, low=1, high=1, interior=0):
+def pad_hw(x, rows=(1, 1, 0), cols=(1, 1, 0)):
+    """Zero padding of the spatial axes 1 and 2: (low, high, interior) each."""
     config = [(0, 0, 0)] * x.ndim
-    config[1] = (low, high if isinstance(high, int) else high[0], interior)
-    config[2] = (low, high if isinstance(high, int) else high[1], interior)
+    config[1], config[2] = rows, cols
     return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _shifted(padded, out_h, out_w, stride):
+    """The 9 windows of a 3x3 stencil, tap-major."""
+    return [window(padded, dy, dx, stride, out_h, out_w) for dy in range(3) for dx in range(3)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -118,7 +121,7 @@ def _stencil_forward(x, taps, stride):
     batch, height, width, groups, shared = x.shape[:5]
     out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
     ratio = taps.shape[-1]
-    windows = _shifted(_pad_hw(x), out_h, out_w, stride)
+    windows = _shifted(pad_hw(x), out_h, out_w, stride)
     if shared == 1 and groups > 1:
         # One bank for all channels: one output plane per kernel r, each a sum of windows
         # times scalar taps, then interleaved. XLA:CPU vectorises this 1.6x better than
@@ -146,7 +149,7 @@ def _transposed_stencil(g, taps, stride, height, width):
     # One padded plane per r: g[o] sits at plane[o + 1], so offsets -1, 0, +1 stay in range.
     # The sum over r is written out as elementwise terms, not a reduction over the minor
     # axis: XLA fuses all 9*R terms into one loop (the reduction form was ~20x slower on CPU).
-    planes = [_pad_hw(g[..., r]) for r in range(ratio)]
+    planes = [pad_hw(g[..., r]) for r in range(ratio)]
 
     def phase_taps(r):  # (tap index d, offset) with p = stride*q + r reading o = q + offset
         return [(d, (r + 1 - d) // stride) for d in range(3) if (r + 1 - d) % stride == 0]
@@ -196,7 +199,7 @@ def _stencil_backward(stride, residuals, g):
         # One kernel per channel (Eq. 7's (j, k) channels): the input is as wide as the
         # output, so the 9 windows must not all be live at once (XLA:CPU materialises
         # them): one tap at a time in a loop, which is also faster.
-        padded = _pad_hw(x_flat)
+        padded = pad_hw(x_flat)
         channels = x_flat.shape[-1]
 
         def tap(t):
@@ -208,7 +211,7 @@ def _stencil_backward(stride, residuals, g):
 
         dtaps = jax.lax.map(tap, jnp.arange(9)).reshape(9, groups, shared, 1).sum(axis=1)
     else:  # per tap and r, a reduction onto the channel axis
-        windows = _shifted(_pad_hw(x_flat), out_h, out_w, stride)
+        windows = _shifted(pad_hw(x_flat), out_h, out_w, stride)
         dtaps = jnp.stack([
             jnp.stack([jnp.sum(w.astype(taps.dtype) * g[..., r], axis=(0, 1, 2)) for r in range(ratio)], -1)
             for w in windows])
