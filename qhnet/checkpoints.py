@@ -16,8 +16,9 @@ A checkpoint without a digest is trusted only in a workdir that has none at all 
 written before digests existed).
 
 A save that fails, e.g. on a full disk, raises `CheckpointWriteError`; what it wrote of
-the new checkpoint is removed, and the checkpoints written before are left as they were. A rollback that walks back past a checkpoint (its
-state broke down again) moves it to `<workdir>/abandoned_checkpoints/`.
+the new checkpoint is removed, and the checkpoints written before are left as they were.
+A rollback that walks back past a checkpoint (its state broke down again) moves it to
+`<workdir>/abandoned_checkpoints/`.
 """
 
 import errno

@@ -968,8 +968,8 @@ class _RecordExamples:
 
 def _decode_pixels(data: bytes, channels: int) -> np.ndarray:
     """uint8 [H, W, channels]. JPEGs go to libjpeg-turbo (simplejpeg), which is faster than
-    PIL's decoder; what it does not take (CMYK, arithmetic coding, other formats) goes to
-    PIL. A JPEG that both refuse raises PIL's error."""
+    PIL's decoder; the JPEGs it refuses (e.g. truncated ones) and other formats go to PIL,
+    so that a file that neither reads raises PIL's error."""
     if data[:2] == b'\xff\xd8':
         try:
             pixels = simplejpeg.decode_jpeg(data, colorspace='RGB' if channels == 3 else 'GRAY')
