@@ -49,10 +49,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
+import simplejpeg
 
 from benchmarks import timing
-
-import simplejpeg
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
