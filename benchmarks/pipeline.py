@@ -307,7 +307,7 @@ def measure_new_loader(source: dict, augmentation: str, workers: int, batch: int
 
 def covering_size(width: int, height: int, box, size: int) -> tuple[int, int]:
     """The smallest decoded (width, height) at which the crop `box` still spans `size`
-    pixels each way: what qhnet.data asks PIL's `draft` for."""
+    pixels each way: the size the reduced-size decoders ask for."""
     return (math.ceil(width * size / (box[2] - box[0])),
             math.ceil(height * size / (box[3] - box[1])))
 
@@ -332,7 +332,8 @@ def decode_pil_full(jpeg: bytes, box, size: int) -> Decoded:
 
 
 def decode_pil_draft(jpeg: bytes, box, size: int) -> Decoded:
-    """As `qhnet.data._RecordExamples.decode`: libjpeg's DCT scaling by 1/2, 1/4 or 1/8."""
+    """PIL's reduced-size decode (what qhnet.data did before simplejpeg): libjpeg's DCT
+    scaling by 1/2, 1/4 or 1/8, then PIL's resize."""
     with Image.open(io.BytesIO(jpeg)) as encoded:
         width, height = encoded.size
         encoded.draft('RGB', covering_size(width, height, box, size))

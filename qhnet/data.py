@@ -862,16 +862,16 @@ class _Transform:
     def rng(self, stream: int, position: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, stream, position))
 
-    def finish(self, image: Image.Image | np.ndarray, position: int, real: bool) -> dict:
-        """RandAugment, erasing boxes and channel replication of one cropped image."""
+    def finish(self, pixels: np.ndarray, position: int, real: bool) -> dict:
+        """RandAugment, erasing boxes and channel replication of one cropped image, uint8
+        [size, size, native channels]."""
         if self.rand_augment:
-            if isinstance(image, np.ndarray):
-                image = Image.fromarray(image[..., 0] if self.native_channels == 1 else image)
             image = augment.rand_augment(
-                image, self.rng(_RAND_AUGMENT_STREAM, position),
+                Image.fromarray(pixels[..., 0] if self.native_channels == 1 else pixels),
+                self.rng(_RAND_AUGMENT_STREAM, position),
                 magnitude=self.rand_augment_magnitude, magnitude_std=self.rand_augment_std,
                 fill=self.fill)
-        pixels = np.asarray(image, np.uint8).reshape(self.size, self.size, -1)
+            pixels = np.asarray(image, np.uint8).reshape(self.size, self.size, -1)
         if not real:
             pixels = np.zeros_like(pixels)
         if pixels.shape[-1] != self.channels:
@@ -925,12 +925,12 @@ class _RecordExamples:
         transform = self.transform
         if real:
             data, label = self.split.read(index)
-            image = self.decode(data, index, position)
+            pixels = self.decode(data, index, position)
         else:
             label = 0
-            image = np.zeros((transform.size, transform.size, transform.native_channels),
-                             np.uint8)
-        example = transform.finish(image, position, real)
+            pixels = np.zeros((transform.size, transform.size, transform.native_channels),
+                              np.uint8)
+        example = transform.finish(pixels, position, real)
         example['label'] = np.int32(label)
         if not self.plan.train:
             example['mask'] = np.float32(real)
