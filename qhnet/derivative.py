@@ -24,8 +24,9 @@ with the same parameters; they differ only in the XLA program:
   2, strided) slices times the kernel taps, broadcast over channels: elementwise
   work that XLA fuses into one loop, accumulated in float32 (float64 for float64
   inputs). Its backward pass is hand-written (a custom VJP): the input gradient is
-  the transposed stencil, per stride phase; the kernel gradient of a shared bank
-  is the folded conv's filter gradient, of per-channel kernels a reduction per tap.
+  the transposed stencil, per stride phase; the kernel gradient of one bank shared
+  by every channel is one matrix product of the 9 stacked windows with the
+  cotangent, of per-channel kernels a reduction per tap.
   Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is not defined for it; reverse
   mode of any order is.
 
@@ -188,9 +189,16 @@ def _stencil_backward(stride, residuals, g):
     # Kernel gradient: dtaps[t] = sum of window_t(x) * g over batch, space and the channels
     # that share a kernel.
     x_flat = x.reshape(batch, height, width, groups * shared)
-    if groups > 1 and (shared == 1 or ratio == 1):
-        # A shared bank: the filter gradient of the folded conv (channels in the batch), which
-        # XLA computes as one convolution; 2-3x faster on CPU than the reductions below.
+    if groups > 1 and shared == 1:
+        # One bank of R kernels for every channel: dtaps[t, r] = <window_t(x), g[..., r]>, one
+        # matrix product (9, B*H'*W'*n) @ (B*H'*W'*n, R) of the stacked windows with g.
+        windows = _shifted(pad_hw(x_flat), out_h, out_w, stride)
+        stacked = jnp.stack([w.reshape(-1) for w in windows]).astype(taps.dtype)
+        dtaps = jnp.dot(stacked, g.reshape(-1, ratio), precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=taps.dtype).reshape(taps.shape)
+    elif groups > 1 and ratio == 1:
+        # A bank shared within groups of channels (Eq. 7): the filter gradient of the folded
+        # conv (channels in the batch), which XLA computes as one convolution.
         kernel = taps.reshape(3, 3, 1, shared * ratio)
         _, vjp = jax.vjp(lambda k: _folded(x_flat.astype(taps.dtype), k, shared, stride), kernel)
         (dkernel,) = vjp(g.reshape(batch, out_h, out_w, -1))
