@@ -130,6 +130,7 @@ def _stencil_forward(x, taps, stride):
         planes = [sum(w[..., 0, 0].astype(taps.dtype) * taps[t, 0, r] for t, w in enumerate(windows))
                   for r in range(ratio)]
         total = jnp.stack(planes, axis=-1).reshape(batch, out_h, out_w, groups, 1, ratio)
+        total = jax.lax.optimization_barrier(total)
     else:
         total = None
         for t, window in enumerate(windows):
@@ -184,6 +185,7 @@ def _stencil_backward(stride, residuals, g):
     ratio = taps.shape[-1]
     # Input gradient on (B, H', W', channels, R), the kernels broadcast to every channel.
     g = g.astype(taps.dtype).reshape(batch, out_h, out_w, groups * shared, ratio)
+    g = jax.lax.optimization_barrier(g)
     per_channel = jnp.broadcast_to(taps[:, None], (9, groups, shared, ratio)).reshape(9, -1, ratio)
     dx = _transposed_stencil(g, per_channel, stride, height, width)
     # Kernel gradient: dtaps[t] = sum of window_t(x) * g over batch, space and the channels
@@ -193,7 +195,7 @@ def _stencil_backward(stride, residuals, g):
         # One bank of R kernels for every channel: dtaps[t, r] = <window_t(x), g[..., r]>, one
         # matrix product (9, B*H'*W'*n) @ (B*H'*W'*n, R) of the stacked windows with g.
         windows = _shifted(pad_hw(x_flat), out_h, out_w, stride)
-        stacked = jnp.stack([w.reshape(-1) for w in windows]).astype(taps.dtype)
+        stacked = jnp.stack(windows).reshape(9, -1).astype(taps.dtype)
         dtaps = jnp.dot(stacked, g.reshape(-1, ratio), precision=jax.lax.Precision.HIGHEST,
                         preferred_element_type=taps.dtype).reshape(taps.shape)
     elif groups > 1 and ratio == 1:
