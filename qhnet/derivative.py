@@ -130,6 +130,7 @@ def _stencil_forward(x, taps, stride):
         planes = [sum(w[..., 0, 0].astype(taps.dtype) * taps[t, 0, r] for t, w in enumerate(windows))
                   for r in range(ratio)]
         total = jnp.stack(planes, axis=-1).reshape(batch, out_h, out_w, groups, 1, ratio)
+        # Computed once: XLA:CPU otherwise recomputes the stencil inside each consumer.
         total = jax.lax.optimization_barrier(total)
     else:
         total = None
@@ -148,10 +149,10 @@ def _transposed_stencil(g, taps, stride, height, width):
     output resolution, not on a dilated cotangent; the phases are then interleaved.
     """
     batch, out_h, out_w, channels, ratio = g.shape
-    # One padded plane per r: g[o] sits at plane[o + 1], so offsets -1, 0, +1 stay in range.
+    # g padded once: g[o] sits at padded[o + 1], so offsets -1, 0, +1 stay in range.
     # The sum over r is written out as elementwise terms, not a reduction over the minor
     # axis: XLA fuses all 9*R terms into one loop (the reduction form was ~20x slower on CPU).
-    planes = [pad_hw(g[..., r]) for r in range(ratio)]
+    padded = pad_hw(g)
 
     def phase_taps(r):  # (tap index d, offset) with p = stride*q + r reading o = q + offset
         return [(d, (r + 1 - d) // stride) for d in range(3) if (r + 1 - d) % stride == 0]
@@ -164,9 +165,9 @@ def _transposed_stencil(g, taps, stride, height, width):
             total = None
             for dy, oy in phase_taps(ry):
                 for dx, ox in phase_taps(rx):
-                    for r, plane in enumerate(planes):
-                        window = jax.lax.slice(plane, (0, 1 + oy, 1 + ox, 0),
-                                               (batch, 1 + oy + rows, 1 + ox + cols, channels))
+                    for r in range(ratio):
+                        window = jax.lax.slice(padded, (0, 1 + oy, 1 + ox, 0, r),
+                                               (batch, 1 + oy + rows, 1 + ox + cols, channels, r + 1))[..., 0]
                         term = window * taps[3 * dy + dx, :, r]
                         total = term if total is None else total + term
             row.append(total)
@@ -185,6 +186,8 @@ def _stencil_backward(stride, residuals, g):
     ratio = taps.shape[-1]
     # Input gradient on (B, H', W', channels, R), the kernels broadcast to every channel.
     g = g.astype(taps.dtype).reshape(batch, out_h, out_w, groups * shared, ratio)
+    # Computed once: XLA:CPU otherwise fuses the cotangent's producer (BN_d's backward)
+    # into every consumer below.
     g = jax.lax.optimization_barrier(g)
     per_channel = jnp.broadcast_to(taps[:, None], (9, groups, shared, ratio)).reshape(9, -1, ratio)
     dx = _transposed_stencil(g, per_channel, stride, height, width)
