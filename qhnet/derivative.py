@@ -25,8 +25,8 @@ with the same parameters; they differ only in the XLA program:
   work that XLA fuses into one loop, accumulated in float32 (float64 for float64
   inputs). Its backward pass is hand-written (a custom VJP): the input gradient is
   the transposed stencil, per stride phase; the kernel gradient of one bank shared
-  by every channel is one matrix product of the 9 stacked windows with the
-  cotangent, of per-channel kernels a reduction per tap.
+  by every channel is one variadic reduction of the 9*m window-cotangent products
+  (one pass over both), of per-channel kernels a reduction per tap.
   Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is not defined for it; reverse
   mode of any order is.
 
@@ -179,6 +179,15 @@ def _transposed_stencil(g, taps, stride, height, width):
     return grid.reshape(batch, rows * stride, cols * stride, channels)[:, :height, :width]
 
 
+def _sums(terms, axes):
+    """jnp.stack([t.sum(axes) for t in terms]) as one variadic reduction: XLA:CPU fuses every
+    term's producer into a single pass over the inputs instead of one pass per term."""
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    sums = jax.lax.reduce(tuple(terms), zeros,
+                          lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
+    return jnp.stack(sums)
+
+
 def _stencil_backward(stride, residuals, g):
     x, taps = residuals
     batch, height, width, groups, shared = x.shape[:5]
@@ -195,12 +204,13 @@ def _stencil_backward(stride, residuals, g):
     # that share a kernel.
     x_flat = x.reshape(batch, height, width, groups * shared)
     if groups > 1 and shared == 1:
-        # One bank of R kernels for every channel: dtaps[t, r] = <window_t(x), g[..., r]>, one
-        # matrix product (9, B*H'*W'*n) @ (B*H'*W'*n, R) of the stacked windows with g.
+        # One bank of R kernels for every channel: dtaps[t, r] = <window_t(x), g[..., r]>, all
+        # 9*R sums in one variadic reduction that reads x and g once (no stacked windows);
+        # it keeps the batch and channel axes, over which XLA:CPU splits it between threads.
         windows = _shifted(pad_hw(x_flat), out_h, out_w, stride)
-        stacked = jnp.stack(windows).reshape(9, -1).astype(taps.dtype)
-        dtaps = jnp.dot(stacked, g.reshape(-1, ratio), precision=jax.lax.Precision.HIGHEST,
-                        preferred_element_type=taps.dtype).reshape(taps.shape)
+        dtaps = _sums([w.astype(taps.dtype) * g[..., r] for w in windows for r in range(ratio)],
+                      axes=(1, 2))
+        dtaps = dtaps.sum(axis=(1, 2)).reshape(taps.shape)
     elif groups > 1 and ratio == 1:
         # A bank shared within groups of channels (Eq. 7): the filter gradient of the folded
         # conv (channels in the batch), which XLA computes as one convolution.
