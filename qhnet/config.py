@@ -170,7 +170,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     if variant == 'fashion_mnist':
         # Chosen by experiments/fashion_mnist_sweep.py (with the earlier activation
         # placement; 4 epochs there, 5 here so that every seed passes 92% test accuracy
-        # on 2 CPU cores); measured figures: README.
+        # on 2 CPU cores), then base_lr 0.8 -> 1.2 (about +0.3 on each of seeds 0-2 with
+        # the paper's placement); measured figures: README.
         config.data.name = 'fashion_mnist'
         config.data.image_size = 28
         config.data.augment = False
@@ -184,7 +185,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.batch_size = 64
         config.eval_batch_size = 500
         config.num_epochs = 5
-        config.optimizer.base_lr = 0.8
+        config.optimizer.base_lr = 1.2
         config.optimizer.reference_batch_size = 64
         config.optimizer.warmup_epochs = 0.3
         config.optimizer.weight_decay = 5e-5
