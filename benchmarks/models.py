@@ -9,8 +9,9 @@ For every model, at `--image-size` (224) and 100 classes, in one process:
 
 - parameters (trainable, BN scales and shifts included);
 - FLOPs per image of the forward pass and of a training step, from XLA's cost analysis
-  of the *lowered* (unoptimised) program: what the model asks for, independent of how a
-  backend rewrites it (XLA:CPU, for one, turns a grouped conv into a dense one);
+  of the *lowered* (unoptimised) program, lowered for the CPU on every device: what the
+  model asks for, independent of how a backend rewrites it (XLA:CPU, for one, turns a
+  grouped conv into a dense one);
 - training step images/s: the project's own `qhnet.train.train_step` (forward, backward,
   SGD-momentum update with weight decay, BN statistics), jitted with the state donated;
 - inference images/s: `model.apply(..., train=False)`, jitted;
@@ -128,11 +129,22 @@ def build(entry: Entry, num_classes: int):
     return models.build(model_config)
 
 
-def flops(lowered) -> float:
-    analysis = lowered.cost_analysis()
+def flops(stage) -> float:
+    """XLA's FLOP count of a lowered or compiled program; NaN where the backend gives none."""
+    analysis = stage.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
         analysis = analysis[0]
     return float(analysis.get('flops', float('nan'))) if analysis else float('nan')
+
+
+def requested_flops(jitted, *args) -> float:
+    """The FLOPs of `jitted`'s unoptimised program, lowered for the host's CPU whatever the
+    device (the inputs' placement picks the backend that counts): XLA:GPU's cost analysis
+    of a lowered program gives none, and this way every backend reports the same count."""
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    specs = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_cpu), args)
+    return flops(jitted.lower(*specs))
 
 
 def peak_bytes(compiled) -> float:
@@ -184,7 +196,8 @@ def prepare(entry: Entry, args, config) -> dict:
 
     return dict(
         entry=entry, params=count, compile_seconds=compile_seconds,
-        flops_infer=flops(infer_lowered) / args.batch, flops_train=flops(step_lowered) / args.batch,
+        flops_infer=requested_flops(infer, state.variables(), images) / args.batch,
+        flops_train=requested_flops(step, state, batch, key) / args.batch,
         flops_train_compiled=flops(step_compiled) / args.batch,
         memory_train=peak_bytes(step_compiled), memory_infer=peak_bytes(infer_compiled),
         run_step=run_step, run_infer=run_infer, step_text=step_compiled.as_text)

@@ -25,15 +25,17 @@ with the same parameters; they differ only in the XLA program:
   work that XLA fuses into one loop, accumulated in float32 (float64 for float64
   inputs). Its backward pass is hand-written (a custom VJP): the input gradient is
   the transposed stencil, per stride phase; the kernel gradient of one bank shared
-  by every channel is one variadic reduction of the 9*m window-cotangent products
-  (one pass over both), of per-channel kernels a reduction per tap.
+  by every channel is, on the CPU, one variadic reduction of the 9*m window-cotangent
+  products (one pass over both; elsewhere 9*m reductions), of per-channel kernels a
+  reduction per tap.
   Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is not defined for it; reverse
   mode of any order is.
 
-`DEFAULT_IMPL` is the fastest on XLA:CPU, by far (benchmarks/derivative_cpu.md,
-benchmarks/models_cpu.md): per network, 'stencil' runs K's forward and backward
-several times faster than 'folded' and hundreds of times faster than 'grouped'.
-On a GPU run
+`DEFAULT_IMPL` is the fastest on every backend measured. On XLA:CPU, by far
+(benchmarks/derivative_cpu.md, benchmarks/models_cpu.md): per network, 'stencil' runs
+K's forward and backward several times faster than 'folded' and hundreds of times
+faster than 'grouped'. On an H200 in bfloat16 (benchmarks/derivative_gpu_h200.md),
+2.6x faster than 'folded' and 3.3x than 'grouped'. On another accelerator run
 `python -m benchmarks.derivative` and pick with `config.model.derivative_impl`.
 """
 
@@ -179,13 +181,24 @@ def _transposed_stencil(g, taps, stride, height, width):
     return grid.reshape(batch, rows * stride, cols * stride, channels)[:, :height, :width]
 
 
-def _sums(terms, axes):
+def _variadic_sums(terms, axes):
     """jnp.stack([t.sum(axes) for t in terms]) as one variadic reduction: XLA:CPU fuses every
     term's producer into a single pass over the inputs instead of one pass per term."""
     zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
-    sums = jax.lax.reduce(tuple(terms), zeros,
-                          lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
+    sums = jax.lax.reduce(tuple(terms), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
     return jnp.stack(sums)
+
+
+def _separate_sums(terms, axes):
+    return jnp.stack([t.sum(axes) for t in terms])
+
+
+def _sums(terms, axes):
+    """jnp.stack([t.sum(axes) for t in terms]): one variadic reduction on the CPU, separate
+    sums elsewhere (XLA:GPU cannot fit a 36-way variadic reduction in a block's shared
+    memory: ptxas rejects the kernel)."""
+    return jax.lax.platform_dependent(
+        *terms, cpu=lambda *t: _variadic_sums(t, axes), default=lambda *t: _separate_sums(t, axes))
 
 
 def _stencil_backward(stride, residuals, g):

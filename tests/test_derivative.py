@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from qhnet import config as qhnet_config
-from qhnet import models
+from qhnet import derivative, models
 from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, Derivative, depthwise_conv
 
 # (name, kernels stored, outputs per input channel) as functions of (channels n, multiplier m).
@@ -153,6 +153,26 @@ def test_stencil_second_order_reverse_mode():
 
     expected = jax.grad(functools.partial(grad_norm, 'grouped'))(kernel)
     assert scale_error(jax.grad(functools.partial(grad_norm, 'stencil'))(kernel), expected) <= 1e-5
+
+
+@pytest.mark.parametrize('platform, widest', [('cpu', 36), ('cuda', 1)])
+def test_stencil_kernel_gradient_reductions_per_platform(platform, widest):
+    """The shared bank's kernel gradient is one 36-way variadic reduction on the CPU and
+    single reductions elsewhere: XLA:GPU's ptxas rejects the 36-way one (too much shared
+    memory per block). The program is exported for `platform` without its device."""
+    x, kernel, stride, ratio = case('shared-expand', 1, n=3, m=4, size=(6, 6))
+    grad = jax.jit(jax.grad(lambda k: depthwise_conv(x, k, stride, channel_multiplier=ratio,
+                                                     impl='stencil').sum()))
+    text = jax.export.export(grad, platforms=[platform])(kernel).mlir_module()
+    reduces = [line for line in text.splitlines() if 'stablehlo.reduce(' in line]
+    assert reduces and max(line.count(' init: ') for line in reduces) == widest
+
+
+def test_variadic_and_separate_sums_agree():
+    terms = [jnp.asarray(np.random.default_rng(t).normal(size=(2, 5, 5, 3)), jnp.float32)
+             for t in range(6)]
+    np.testing.assert_allclose(derivative._variadic_sums(terms, (1, 2)),
+                               derivative._separate_sums(terms, (1, 2)), rtol=1e-6)
 
 
 def test_unknown_impl_and_bad_kernel():
