@@ -167,9 +167,10 @@ class ResNet50(nn.Module):
 
     Parameters: 23,712,932 at 100 classes, 25,557,032 at 1000 (torchvision).
 
-    Small input (``stem="small"``, the small datasets' variants): a 3x3/1 conv stem and no
-    max pool, as QHNet's small stem; ``widths`` (bottleneck widths, the stem's width
-    ``widths[0]``) and ``depths`` then come from the variant, the same numbers as QHNet's.
+    Small input (``stem="small"`` or ``"small_stride2"``, the small datasets' variants): a
+    3x3 conv stem of stride 1 or 2 and no max pool, as QHNet's small stems; ``widths``
+    (bottleneck widths, the stem's width ``widths[0]``) and ``depths`` then come from the
+    variant, the same numbers as QHNet's.
     """
 
     num_classes: int = 100
@@ -189,8 +190,10 @@ class ResNet50(nn.Module):
             dtype=self.dtype,
         )
 
-        if self.stem == "small":
-            x = nn.relu(norm(name="stem_bn")(conv(self.widths[0], 3, name="stem_conv")(images)))
+        if self.stem in ("small", "small_stride2"):
+            stride = 2 if self.stem == "small_stride2" else 1
+            x = conv(self.widths[0], 3, strides=stride, name="stem_conv")(images)
+            x = nn.relu(norm(name="stem_bn")(x))
         else:
             x = conv(self.widths[0], 7, strides=2, name="stem_conv")(images)
             x = nn.relu(norm(name="stem_bn")(x))
@@ -304,8 +307,9 @@ class MobileNetV3Large(nn.Module):
 
     Parameters: 4,330,132 at 100 classes, 5,483,032 at 1000 (torchvision).
 
-    Small input (``stem="small"``): the stem conv has stride 1; the block table stays
-    torchvision's (the variants' widths and depths are not read).
+    Small input (``stem="small"``): the stem conv has stride 1 (``"small_stride2"``: 2, as
+    the ImageNet stem); the block table stays torchvision's (the variants' widths and
+    depths are not read).
     """
 
     num_classes: int = 100

@@ -20,33 +20,38 @@ import numpy as np
 
 from qhnet import activations, baselines, config
 from qhnet.blocks import CONV_INIT, EQUATIONS, QuasiLinearBlock
-from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
+from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, window
 
 PLACEMENTS = ('ds', 'all')
-STEMS = ('imagenet', 'small')
+STEMS = ('imagenet', 'small', 'small_stride2')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class Conv3x3Patches(nn.Module):
-    """A 3x3 convolution, zero padding 1, stride 1, no bias, as one matrix product of the
-    9 shifted copies of the input with the kernel: the parameters and results of
-    `nn.Conv(features, (3, 3), padding=1)`, faster on XLA:CPU for the few input channels
-    of the small stem."""
+    """A 3x3 convolution, zero padding 1, stride `stride`, no bias, as one matrix product of
+    the 9 shifted (strided) copies of the input with the kernel: the parameters and results
+    of `nn.Conv(features, (3, 3), strides=stride, padding=1)`, faster on XLA:CPU for the
+    few input channels of the small stems."""
     features: int
+    stride: int = 1
     dtype: jnp.dtype = jnp.float32
     # What nn.Conv's fields would say (qhnet.symmetry reads the stem's geometry).
-    strides = (1, 1)
     padding = ((1, 1), (1, 1))
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        return (self.stride, self.stride)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
+        out_h, out_w = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
         kernel = self.param('kernel', CONV_INIT, (3, 3, channels, self.features))
         padded = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
-        patches = jnp.concatenate([padded[:, dy:dy + height, dx:dx + width]
+        patches = jnp.concatenate([window(padded, dy, dx, self.stride, out_h, out_w)
                                    for dy in range(3) for dx in range(3)], axis=-1)
         weights = kernel.reshape(9 * channels, self.features).astype(self.dtype)
-        return (patches.reshape(-1, 9 * channels) @ weights).reshape(batch, height, width,
+        return (patches.reshape(-1, 9 * channels) @ weights).reshape(batch, out_h, out_w,
                                                                     self.features)
 
 
@@ -55,7 +60,8 @@ class QHNet(nn.Module):
 
     `stem='imagenet'`: 7x7/2 conv, BN, ReLU, 3x3/2 max pool (timm ResNet50 layout,
     expansion 1: widths (64, 128, 256, 512), depths (3, 4, 6, 3)). `stem='small'`:
-    3x3/1 conv, BN, ReLU, no pool, for 28x28 and 32x32 images. Every stage after the
+    3x3/1 conv, BN, ReLU, no pool, for 28x28 and 32x32 images; `'small_stride2'`: the
+    same at stride 2, stage 1 at half the resolution (the Fashion-MNIST variant's). Every stage after the
     first starts with a downsampling block: stride 2 and a projection shortcut.
 
     Activation placement (docs/design.md, 'Network and placement'), as in the authors'
@@ -100,7 +106,8 @@ class QHNet(nn.Module):
             x = nn.Conv(streams[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
                         kernel_init=CONV_INIT, dtype=self.dtype, name='stem_conv')(x)
         else:
-            x = Conv3x3Patches(streams[0], dtype=self.dtype, name='stem_conv')(x)
+            x = Conv3x3Patches(streams[0], stride=2 if self.stem == 'small_stride2' else 1,
+                               dtype=self.dtype, name='stem_conv')(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name='stem_bn')(x)
         x = nn.relu(x)

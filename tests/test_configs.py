@@ -65,7 +65,7 @@ def test_offline_variants_validate(row, variant):
 
 def test_main_row_fashion_mnist_variant_is_the_small_model():
     config = row_config('eq3_softball', 'fashion_mnist')
-    assert config.model.stem == 'small'
+    assert config.model.stem == 'small_stride2'
     assert (config.data.name, config.data.image_size) == ('fashion_mnist', 28)
 
 

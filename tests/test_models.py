@@ -52,6 +52,35 @@ def test_small_input_variant(digits, shape, equation):
         jax.tree_util.tree_structure(variables['batch_stats'])
 
 
+@pytest.mark.parametrize('stride, size', [(1, 28), (2, 28), (2, 9)])
+def test_patch_stem_is_nn_conv(digits, stride, size):
+    """The small stems' 3x3 conv as a matrix product of patches: nn.Conv's parameters and
+    results, at stride 1 and 2, even and odd sizes."""
+    images = resize_images(digits[0][:3], size, 1)
+    patches = models.Conv3x3Patches(8, stride=stride)
+    conv = nn.Conv(8, (3, 3), strides=stride, padding=((1, 1), (1, 1)), use_bias=False)
+    variables = patches.init(jax.random.key(0), images)
+    expected = conv.apply(variables, images)
+    assert expected.shape == (3, -(-size // stride), -(-size // stride), 8)
+    np.testing.assert_allclose(patches.apply(variables, images), expected, rtol=1e-5, atol=1e-5)
+    assert patches.strides == (stride, stride)
+
+
+@pytest.mark.parametrize('name', ['qhnet', 'resnet50', 'mobilenet_v3_large'])
+def test_strided_small_stem_halves_stage1(digits, name):
+    images = resize_images(digits[0][:2], 28, 1)
+    shapes = {}
+    for stem in ('small', 'small_stride2'):
+        model = models.build(qhnet_config(name=name, **{**SMALL, 'stem': stem}))
+        variables = model.init(jax.random.key(0), images)
+        _, state = model.apply(variables, images, capture_intermediates=True,
+                               mutable=['intermediates'])
+        stem_out = state['intermediates']['stem_conv']['__call__'][0]
+        shapes[stem] = stem_out.shape[1:3]
+        assert model.apply(variables, images).shape == (2, 10)
+    assert shapes == {'small': (28, 28), 'small_stride2': (14, 14)}
+
+
 def loss_and_grads(model, variables, images, labels):
     def loss_fn(params):
         logits, updates = model.apply({**variables, 'params': params}, images, train=True,
@@ -163,7 +192,7 @@ def test_activation_placement(digits, layout, placement, carriers):
     ('equation', 8, '3, 4, 5, 6, 7'),
     ('activation', 'gelu', 'softball'),
     ('placement', 'every', "'ds', 'all'"),
-    ('stem', 'tiny', "'imagenet', 'small'"),
+    ('stem', 'tiny', "'imagenet', 'small', 'small_stride2'"),
     ('dtype', 'float16', 'bfloat16'),
 ])
 def test_bad_choices_fail_at_build_listing_valid_ones(field, value, valid):

@@ -68,8 +68,8 @@ def images(digits) -> np.ndarray:
 def small_model(architecture: str, activation: str = 'softball', placement: str = 'ds',
                 **overrides):
     model_config = config.model_config()
-    model_config.update(dict(ARCHITECTURES[architecture], activation=activation,
-                             placement=placement, **SMALL, **overrides))
+    model_config.update({**ARCHITECTURES[architecture], 'activation': activation,
+                         'placement': placement, **SMALL, **overrides})
     return models.build(model_config)
 
 
@@ -120,6 +120,16 @@ def test_fold_and_invariance(images, architecture, activation, placement):
     result = symmetry.verify(spec, form32, element, images)
     assert result['error'] <= float32_tolerance(spec, result['kappa']), result
     assert result['invariant']
+
+
+def test_strided_small_stem(images):
+    """The Fashion-MNIST variant's 3x3/2 stem: the fold reads its stride, and the group acts."""
+    model, variables, spec = make_case('eq3', stem='small_stride2')
+    assert spec.structure.stem_stride == (2, 2)
+    form = symmetry.fold(spec, variables)
+    assert relative(symmetry.apply(spec, form, images), flax_logits(model, variables, images)) <= 1e-5
+    result = symmetry.verify(spec, form, symmetry.sample(spec, jax.random.key(1), cond=10.0), images)
+    assert result['invariant'] and result['error'] <= float32_tolerance(spec, result['kappa']), result
 
 
 @pytest.mark.parametrize('activation', ['identity', 'relu'])

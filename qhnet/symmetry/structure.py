@@ -256,7 +256,7 @@ def trace_baseline(model: baselines.ResNet50 | baselines.MobileNetV3Large) -> Ba
     return BaselineStructure(
         model=type(model).__name__, stem=outer[0], blocks=tuple(blocks), head=tuple(outer[1:]),
         epsilons=tuple(batch_norms(top)), variable_shapes=tuple(shapes),
-        stem_pool=isinstance(model, baselines.ResNet50) and model.stem != 'small')
+        stem_pool=isinstance(model, baselines.ResNet50) and model.stem == 'imagenet')
 
 
 def trace(model) -> Structure | BaselineStructure:
