@@ -14,7 +14,10 @@ and with glibc's default allocator, so that the report separates what the alloca
 setting gives from what the code gives. The versions alternate (baseline, current with
 the default allocator, current, baseline, ...) `--rounds` times so that a change in
 machine load hits all of them; the report gives the medians and their ratios in images/s,
-wall clock and process CPU time, and the page faults per step.
+wall clock and process CPU time, and the page faults per step. Where the config's model
+changed between the versions, a fourth probe runs the current code on the baseline's
+model (its `config.model` fields), so that the report separates what the code gives from
+what the network gives.
 """
 
 import argparse
@@ -32,7 +35,7 @@ DEFAULT_BASELINE = '4f1caf5'  # the last version before this benchmark's speed w
 
 # Runs inside a version's checkout: prints one JSON line of step timings.
 PROBE = r'''
-import inspect, json, resource, sys, time
+import ast, inspect, json, resource, sys, time
 if sys.argv[2] == 'reuse':  # as qhnet.main does, before JAX's backend starts
     from qhnet import allocator
     allocator.reuse_freed_memory()
@@ -40,6 +43,9 @@ import jax, numpy as np
 from qhnet import config as qhnet_config, data, models, train
 seconds = float(sys.argv[1])
 config = qhnet_config.row_config('eq3_softball', 'fashion_mnist')
+for key, value in json.loads(sys.argv[3]).items():  # another version's model fields
+    if key in config.model:
+        config.model[key] = tuple(value) if isinstance(value, list) else value
 model = models.build(config.model)
 info = data.get_info(config.data)
 per_epoch = train.steps_per_epoch(config, info.num_train)
@@ -68,16 +74,20 @@ jax.block_until_ready(metrics)
 wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 print(json.dumps(dict(batch_size=config.batch_size, steps=count, wall_seconds=wall,
+                      model=json.loads(json.dumps(config.model.to_dict(), default=str)),
                       page_faults_per_step=faults / count,
                       cpu_seconds=cpu, images_per_second=count * config.batch_size / wall,
                       images_per_cpu_second=count * config.batch_size / cpu)))
 '''
 
 
-def probe(checkout: str, seconds: float, allocator: str = 'default') -> dict:
+def probe(checkout: str, seconds: float, allocator: str = 'default',
+          model: dict | None = None) -> dict:
     """One timing of the training step of the `qhnet` in `checkout`; `allocator` 'reuse'
-    calls `qhnet.allocator.reuse_freed_memory()` first."""
-    result = subprocess.run([sys.executable, '-c', PROBE, str(seconds), allocator], cwd=checkout,
+    calls `qhnet.allocator.reuse_freed_memory()` first; `model` overrides fields of the
+    config's model section."""
+    result = subprocess.run([sys.executable, '-c', PROBE, str(seconds), allocator,
+                             json.dumps(model or {})], cwd=checkout,
                             env={**os.environ, 'PYTHONPATH': checkout}, capture_output=True,
                             text=True, check=False)
     if result.returncode:
@@ -103,12 +113,24 @@ def summarise(runs: list[dict]) -> dict:
 VERSIONS = (('baseline', 'baseline {baseline}', 'baseline', 'default'),
             ('current_default_allocator', 'current, default allocator', 'current', 'default'),
             ('current', 'current, as `qhnet.main` runs it', 'current', 'reuse'))
+BASELINE_MODEL = ('current_baseline_model', "current, as `qhnet.main` runs it, on the baseline's "
+                  'model', 'current', 'reuse')
+
+
+def model_changes(baseline: dict, current: dict) -> dict:
+    """The model fields that the two versions' configs set differently, as the baseline's;
+    not those that only choose how the code computes (`derivative_impl`, ...)."""
+    from qhnet.train import COMPUTE_ONLY_MODEL_FIELDS
+    return {key: value for key, value in baseline.items()
+            if key in current and current[key] != value and key not in COMPUTE_ONLY_MODEL_FIELDS}
 
 
 def markdown(report: dict) -> str:
     base = report['versions']['baseline']
     rows = []
-    for name, label, _, _ in VERSIONS:
+    for name, label, _, _ in VERSIONS + (BASELINE_MODEL,):
+        if name not in report['versions']:
+            continue
         version = report['versions'][name]
         rows.append(f'| {label.format(baseline=report["baseline_revision"])} | '
                     f'{version["batch_size"]} | {version["images_per_second"]:.0f} | '
@@ -135,7 +157,17 @@ def markdown(report: dict) -> str:
         '',
         f'**Current / baseline: {report["ratio_wall"]:.2f}x** on the wall clock '
         f'({report["ratio_cpu"]:.2f}x per CPU second).',
+        *code_only(report),
     ]) + '\n'
+
+
+def code_only(report: dict) -> list[str]:
+    if not report['model_changes']:
+        return ['', 'Both versions train the same model.']
+    changes = ', '.join(f'`{key}` {value}' for key, value in report['model_changes'].items())
+    return ['', f"The model changed between the versions; the baseline's: {changes}. The code "
+            f"alone, on the baseline's model: **{report['ratio_code_wall']:.2f}x** on the wall "
+            f"clock ({report['ratio_code_cpu']:.2f}x per CPU second)."]
 
 
 def main(argv=None) -> None:
@@ -149,13 +181,20 @@ def main(argv=None) -> None:
     worktree = baseline_worktree(args.baseline)
     checkouts = {'baseline': worktree, 'current': ROOT}
     runs = {name: [] for name, *_ in VERSIONS}
+
+    def timed(name, checkout, allocator, model=None):
+        runs.setdefault(name, []).append(probe(checkout, args.seconds, allocator, model))
+        print(f'round {round_index + 1}, {name}: {runs[name][-1]["images_per_second"]:.0f} '
+              'images/s', file=sys.stderr, flush=True)
+
     try:
         for round_index in range(args.rounds):
             for name, _, checkout, allocator in VERSIONS:
-                runs[name].append(probe(checkouts[checkout], args.seconds, allocator))
-                print(f'round {round_index + 1}, {name}: '
-                      f'{runs[name][-1]["images_per_second"]:.0f} images/s', file=sys.stderr,
-                      flush=True)
+                timed(name, checkouts[checkout], allocator)
+            if round_index == 0:
+                changes = model_changes(runs['baseline'][0]['model'], runs['current'][0]['model'])
+            if changes:
+                timed(BASELINE_MODEL[0], ROOT, BASELINE_MODEL[3], changes)
     finally:
         subprocess.run(['git', '-C', ROOT, 'worktree', 'remove', '--force', worktree],
                        check=False, capture_output=True)
@@ -163,10 +202,15 @@ def main(argv=None) -> None:
     baseline, current = versions['baseline'], versions['current']
     report = dict(device=timing.device_name(), seconds=args.seconds, rounds=args.rounds,
                   current_revision=timing.git_revision(), baseline_revision=args.baseline,
-                  versions=versions, note=args.note,
+                  versions=versions, note=args.note, model_changes=changes,
                   ratio_wall=current['images_per_second'] / baseline['images_per_second'],
                   ratio_cpu=current['images_per_cpu_second'] / baseline['images_per_cpu_second'],
                   load_average=timing.load_average())
+    if changes:
+        same = versions[BASELINE_MODEL[0]]
+        report.update(
+            ratio_code_wall=same['images_per_second'] / baseline['images_per_second'],
+            ratio_code_cpu=same['images_per_cpu_second'] / baseline['images_per_cpu_second'])
     text = markdown(report)
     print(text)
     if args.out:

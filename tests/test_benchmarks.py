@@ -1,5 +1,5 @@
 """`benchmarks/gpu_quick.sh --dry-run`: every step of the quick GPU benchmark end to end,
-at tiny sizes on the CPU."""
+at tiny sizes on the CPU; the step benchmark's comparison of two versions' models."""
 
 import json
 import os
@@ -38,3 +38,14 @@ def test_gpu_quick_dry_run(tmp_path):
     for layout in ('ws m=4 (Eq. 3)', 'no ws m=4 (Eq. 3 no ws)'):
         assert f'fastest K in train mode (forward + backward), {layout}: ' in result.stdout, \
             result.stdout[-3000:]
+
+
+def test_step_benchmark_separates_model_changes():
+    from benchmarks import step
+    baseline = dict(stem='small', widths=[16, 32, 128, 256], depths=[1, 1, 1, 1],
+                    derivative_impl='folded', retired_field=1)
+    current = dict(stem='small_stride2', widths=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+                   derivative_impl='stencil', stream_widths=None)
+    # How the code computes K is the code's; a field one version lacks is not compared.
+    assert step.model_changes(baseline, current) == dict(stem='small', widths=[16, 32, 128, 256])
+    assert step.model_changes(current, current) == {}
