@@ -10,7 +10,8 @@ full float32 precision (`jax_default_matmul_precision=highest`; no TF32), so a G
 computes what the CPU computes, up to rounding. The table is what
 `configs/default.py`'s fashion_mnist variant was chosen from (w16-32-128-256, 4 epochs,
 base LR 0.8, weight decay 5e-5, label smoothing 0.1; the variant now runs 5 epochs at
-base LR 1.2); its accuracy and time on 2 CPU cores are in the README. The committed
+base LR 1.2, with a stride-2 stem and widths 32, 64, 128, 256); its accuracy and time on
+2 CPU cores are in the README. The committed
 results ran on one GPU, 12 runs at a time, each grid under a time limit: runs missing
 from the table did not finish.
 """

@@ -28,8 +28,8 @@ The table (not the study) also sets every row against REFERENCE_ROW, the paper's
 the spread across seeds, `against`).
 
 The reduced protocol (`--variant=fashion_mnist`): the Fashion-MNIST variant of each row (the
-main command's widths 16, 32, 128, 256 and depths 1, 1, 1, 1, with the row's block, weight
-sharing, multiplier and activation; ResNet50 and MobileNetV3 with their small-input stem), for
+main command's stem, widths and depths, with the row's block, weight sharing, multiplier and
+activation; ResNet50 and MobileNetV3 with the same small-input stem), for
 REDUCED_EPOCHS epochs instead of the main command's 5, so that the 36 runs fit about two hours
 on 2 CPU cores (the results table gives the measured total).
 

@@ -40,7 +40,7 @@ smaller inference form (every stream a scaled permutation: selection or magnitud
     form, kept = prune(calibrate(resnet_config, resnet_variables, images), 0.75, 'select')
 
 At keep=1 the sliced model has the unsliced function and more parameters: its k x n maps
-E (for the Fashion-MNIST main model, 283,626 against 265,706).
+E (for the Fashion-MNIST main model of widths 16, 32, 128, 256: 283,626 against 265,706).
 """
 
 import dataclasses
