@@ -35,7 +35,7 @@ DEFAULT_BASELINE = '4f1caf5'  # the last version before this benchmark's speed w
 
 # Runs inside a version's checkout: prints one JSON line of step timings.
 PROBE = r'''
-import ast, inspect, json, resource, sys, time
+import inspect, json, resource, sys, time
 if sys.argv[2] == 'reuse':  # as qhnet.main does, before JAX's backend starts
     from qhnet import allocator
     allocator.reuse_freed_memory()

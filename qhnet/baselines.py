@@ -190,13 +190,13 @@ class ResNet50(nn.Module):
             dtype=self.dtype,
         )
 
-        if self.stem in ("small", "small_stride2"):
+        if self.stem == "imagenet":
+            x = conv(self.widths[0], 7, strides=2, name="stem_conv")(images)
+        else:
             stride = 2 if self.stem == "small_stride2" else 1
             x = conv(self.widths[0], 3, strides=stride, name="stem_conv")(images)
-            x = nn.relu(norm(name="stem_bn")(x))
-        else:
-            x = conv(self.widths[0], 7, strides=2, name="stem_conv")(images)
-            x = nn.relu(norm(name="stem_bn")(x))
+        x = nn.relu(norm(name="stem_bn")(x))
+        if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (num_blocks, width) in enumerate(zip(self.depths, self.widths)):
             for block in range(num_blocks):
