@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what qhnet needs on a fresh Debian/Ubuntu machine: the offline
-# Fashion-MNIST dataset (Debian's dataset-fashion-mnist) and the package with its
-# pinned dependencies. Safe to run again.
+# Installs what qhnet needs on a fresh Debian/Ubuntu machine: the offline Fashion-MNIST
+# dataset (Debian's dataset-fashion-mnist) and the package with the versions it was tested
+# with (constraints.txt; pyproject.toml declares the compatible ranges). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -12,4 +12,4 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   "${as_root[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq dataset-fashion-mnist
 fi
-python -m pip install -q --disable-pip-version-check -e ".[dev]"
+python -m pip install -q --disable-pip-version-check --constraint constraints.txt -e ".[dev]"

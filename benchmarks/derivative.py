@@ -6,7 +6,7 @@
 For every distinct K layer of the 224x224 network (resolution, width, stride; the
 resolutions scaled to another `--image-size`) and every kernel layout (weight-shared
 bank, per-channel kernels, Eq. (7)'s (j, k) channels), times each implementation of
-`qhnet.derivative.depthwise_conv`:
+`qhnet.models.derivative.depthwise_conv`:
 
 - `fwd`: K alone, forward;
 - `train`: K forward and backward (gradients for the input and the kernel);
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, depthwise_conv
+from qhnet.models.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, depthwise_conv
 
 # (input resolution, input channels, stride, blocks with this K) for the 224x224 network:
 # widths (64, 128, 256, 512), depths (3, 4, 6, 3), the first block of stages 2-4 strided.

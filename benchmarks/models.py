@@ -46,8 +46,9 @@ import optax
 
 from benchmarks import timing
 from qhnet import config as qhnet_config
-from qhnet import models, train
-from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
+from qhnet import models
+from qhnet.models.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
+from qhnet.training import recipe, steps
 
 BASELINE = 'ResNet50'
 MAIN = 'Eq. (3) softball@ds'
@@ -164,13 +165,13 @@ def prepare(entry: Entry, args, config) -> dict:
     labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)
     batch = {'image': images, 'label': labels}
     schedule = optax.constant_schedule(0.01)
-    optimizer = train.make_optimizer(config, schedule)
-    state = train.create_train_state(model, optimizer, shape[1:], jax.random.key(0))
+    optimizer = recipe.make_optimizer(config, schedule)
+    state = steps.create_train_state(model, optimizer, shape[1:], jax.random.key(0))
     count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.params))
 
     # The batch holds the float32 images a model reads, so `inputs` passes them through
     # (training makes them from uint8 batches inside the step).
-    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
+    step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
                                      schedule=schedule, label_smoothing=config.label_smoothing,
                                      inputs=lambda batch, key: batch['image']),
                    donate_argnums=0)

@@ -355,9 +355,9 @@ def decode_simplejpeg(jpeg: bytes, box, size: int) -> Decoded:
 
 def decode_qhnet(jpeg: bytes, box, size: int) -> Decoded:
     """What `qhnet.data` does: libjpeg-turbo's full decode (simplejpeg), OpenCV's resize."""
-    from qhnet import data  # noqa: PLC0415
-    pixels = data._decode_pixels(jpeg, 3)  # pylint: disable=protected-access
-    resized = data._resize(pixels, box, size)  # pylint: disable=protected-access
+    from qhnet.data import transforms  # noqa: PLC0415
+    pixels = transforms.decode_pixels(jpeg, 3)
+    resized = transforms.resize(pixels, box, size)
     return resized, (pixels.shape[1], pixels.shape[0])
 
 
@@ -369,8 +369,8 @@ def decoders() -> dict[str, Callable[[bytes, tuple, int], Decoded]]:
 
 def crop_boxes(jpegs: list[bytes], seed: int = 0) -> list[tuple[int, int, int, int]]:
     """One random-resized crop box per JPEG, drawn as qhnet.data draws them."""
-    from qhnet import data  # noqa: PLC0415
-    draw_box = data._random_resized_crop_box  # pylint: disable=protected-access
+    from qhnet.data import transforms  # noqa: PLC0415
+    draw_box = transforms.random_resized_crop_box
     rng = np.random.default_rng(seed)
     boxes = []
     for jpeg in jpegs:
@@ -578,7 +578,7 @@ def markdown(report: dict) -> str:
         f'## Decoders: decode + random-resized crop + resize to {size}, one thread',
         '',
         f'The same {report["decoder_images"]} JPEGs and crop boxes '
-        '(`qhnet.data._random_resized_crop_box`) for every decoder, timed round-robin.',
+        '(`qhnet.data.transforms.random_resized_crop_box`) for every decoder, timed round-robin.',
         '',
         '| decoder | images/s per core | vs PIL full decode | JPEGs decoded at reduced size | '
         'mean abs difference from full decode (0-255) |',

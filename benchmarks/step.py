@@ -6,7 +6,7 @@
 Each version (this working tree, and `--baseline` checked out in a temporary git
 worktree) runs in its own subprocess with its own `qhnet`: it builds the config of
 `configs/eq3_softball.py:fashion_mnist` as that version defines it (model, batch size),
-compiles its jitted training step (`qhnet.train.jit_train_step`), feeds it real
+compiles its jitted training step (`qhnet.training.steps.jit_train_step`), feeds it real
 Fashion-MNIST batches from its own `qhnet.data`, and times `--seconds` of steps after a
 warm-up, the way its training loop calls them. The current code runs twice: as
 `python -m qhnet.main` runs it, with `qhnet.allocator.reuse_freed_memory()` called first,
@@ -40,7 +40,12 @@ if sys.argv[2] == 'reuse':  # as qhnet.main does, before JAX's backend starts
     from qhnet import allocator
     allocator.reuse_freed_memory()
 import jax, numpy as np
-from qhnet import config as qhnet_config, data, models, train
+from qhnet import config as qhnet_config, data, models
+try:
+    from qhnet.training import feeding, recipe, steps
+except ImportError:  # a version from before the qhnet.training package
+    from qhnet import train as feeding
+    recipe = steps = feeding
 seconds = float(sys.argv[1])
 config = qhnet_config.row_config('eq3_softball', 'fashion_mnist')
 for key, value in json.loads(sys.argv[3]).items():  # another version's model fields
@@ -48,16 +53,16 @@ for key, value in json.loads(sys.argv[3]).items():  # another version's model fi
         config.model[key] = tuple(value) if isinstance(value, list) else value
 model = models.build(config.model)
 info = data.get_info(config.data)
-per_epoch = train.steps_per_epoch(config, info.num_train)
-total = train.total_train_steps(config, per_epoch)
-schedule = train.learning_rate_schedule(config, per_epoch, total)
-optimizer = train.make_optimizer(config, schedule)
+per_epoch = recipe.steps_per_epoch(config, info.num_train)
+total = recipe.total_train_steps(config, per_epoch)
+schedule = recipe.learning_rate_schedule(config, per_epoch, total)
+optimizer = recipe.make_optimizer(config, schedule)
 step_args = dict(model=model, optimizer=optimizer, schedule=schedule,
                  label_smoothing=config.label_smoothing)
-if 'inputs' in inspect.signature(train.train_step).parameters:
-    step_args['inputs'] = train.model_inputs(info)
-step = train.jit_train_step(train.make_mesh(), **step_args)
-state = train.create_train_state(model, optimizer, info.image_shape, jax.random.key(0))
+if 'inputs' in inspect.signature(steps.train_step).parameters:
+    step_args['inputs'] = steps.model_inputs(info)
+step = steps.jit_train_step(feeding.make_mesh(), **step_args)
+state = steps.create_train_state(model, optimizer, info.image_shape, jax.random.key(0))
 batches = data.make_iterator(config.data, 'train', batch_size=config.batch_size, seed=0,
                              train=True)
 host = [next(batches) for _ in range(16)]
@@ -120,7 +125,7 @@ BASELINE_MODEL = ('current_baseline_model', "current, as `qhnet.main` runs it, o
 def model_changes(baseline: dict, current: dict) -> dict:
     """The model fields that the two versions' configs set differently, as the baseline's;
     not those that only choose how the code computes (`derivative_impl`, ...)."""
-    from qhnet.train import COMPUTE_ONLY_MODEL_FIELDS
+    from qhnet.training.workdirs import COMPUTE_ONLY_MODEL_FIELDS
     return {key: value for key, value in baseline.items()
             if key in current and current[key] != value and key not in COMPUTE_ONLY_MODEL_FIELDS}
 

@@ -4,7 +4,7 @@
     python -m experiments.fashion_mnist_sweep --grid deep --workers 12
 
 Trains `configs/eq3_softball.py:fashion_mnist` with each override set of a grid (`GRIDS`) through
-`qhnet.train.train_and_evaluate` (the real loop, one process per run, `--workers` at a
+`qhnet.training.train_and_evaluate` (the real loop, one process per run, `--workers` at a
 time) and tabulates the test top-1 after every epoch. Matmuls and convolutions run at
 full float32 precision (`jax_default_matmul_precision=highest`; no TF32), so a GPU
 computes what the CPU computes, up to rounding. The table is what

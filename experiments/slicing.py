@@ -42,7 +42,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
-from qhnet import data, models, params, train  # noqa: E402
+from qhnet import data, models, params, training  # noqa: E402
 from qhnet.symmetry import baseline_family, slicing  # noqa: E402
 from qhnet.symmetry.__main__ import first_images  # noqa: E402
 
@@ -80,18 +80,18 @@ def finetune(sliced: slicing.Sliced, epochs: int, lr_factor: float, step: int,
     """Test top-1 after fine-tuning the sliced model for `epochs` (from its variables), with the
     recipe's schedule at `lr_factor` times its peak learning rate."""
     source = os.path.join(directory, 'sliced')
-    train.save_variables(source, step, sliced.variables, sliced.config)
+    training.save_variables(source, step, sliced.variables, sliced.config)
     config = sliced.config.copy_and_resolve_references()
     config.init_from, config.num_epochs, config.progress_bar = source, epochs, False
     config.optimizer.base_lr *= lr_factor
-    return train.train_and_evaluate(config, os.path.join(directory, 'run'))['test_top1']
+    return training.train_and_evaluate(config, os.path.join(directory, 'run'))['test_top1']
 
 
 def run_resnet(workdir: str, args) -> list[dict]:
     """Baseline (c): the ResNet50 of the same recipe, every stream (residual and hidden) cut
     by 'select' and 'magnitude' at the largest keep that removes each target (no rotation: its
     group has none); parameters are those of the folded form."""
-    _, config, variables = train.restore_variables(workdir)
+    _, config, variables = training.restore_variables(workdir)
     dataset = data.open_dataset(config.data)
     images = first_images(dataset, 'train', args.calibration_images)
     calibration = slicing.calibrate(config, variables, images)
@@ -100,7 +100,7 @@ def run_resnet(workdir: str, args) -> list[dict]:
 
     def top1(pruned):
         pruned = jax.tree.map(lambda x: np.asarray(x, np.float32), pruned)
-        return train.evaluate(config, pruned, dataset=dataset,
+        return training.evaluate(config, pruned, dataset=dataset,
                               logits_fn=lambda f, x: baseline_family.apply(spec, f, x))['top1']
 
     def params_at(keep):
@@ -131,11 +131,11 @@ def _stage_streams(spec) -> list[str]:
 
 
 def run_model(workdir: str, label: str, args) -> list[dict]:
-    step, config, variables = train.restore_variables(workdir)
+    step, config, variables = training.restore_variables(workdir)
     dataset = data.open_dataset(config.data)
     images = first_images(dataset, 'train', args.calibration_images)
     calibration = slicing.calibrate(config, variables, images)
-    before = train.evaluate(config, variables, dataset=dataset)['top1']
+    before = training.evaluate(config, variables, dataset=dataset)['top1']
     params_before = slicing.count_params(variables)
     rows = []
     for removed in args.removed:
@@ -148,7 +148,7 @@ def run_model(workdir: str, label: str, args) -> list[dict]:
                        params_before=params_before,
                        params_after=slicing.count_params(sliced.variables),
                        top1_before=before,
-                       top1_after=train.evaluate(sliced.config, sliced.variables,
+                       top1_after=training.evaluate(sliced.config, sliced.variables,
                                                  dataset=dataset)['top1'],
                        explained_variance=[s.explained_variance for s in sliced.streams])
             if removed in args.finetune_removed and method != 'magnitude' and args.finetune_epochs:

@@ -13,6 +13,8 @@ environment (TPU, SLURM, Open MPI), or from --coordinator_address,
 import logging as std_logging
 import os
 import sys
+import threading
+import warnings
 
 from absl import app
 from absl import flags
@@ -20,7 +22,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from qhnet import allocator, checkpoints, data, train
+from qhnet import allocator, data, training
+from qhnet.config import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,15 +49,10 @@ class _OrbaxInfoFilter(std_logging.Filter):
 
 
 # Errors that explain themselves: shown as one line, without a traceback.
-_USER_ERRORS = (train.ConfigError, data.DatasetNotFoundError, data.CorruptDatasetError,
-                data.CorruptImageError,
-                train.IncompatibleWorkdirError,
-                train.WorkdirError, train.TrainingDivergedError, checkpoints.CheckpointWriteError,
-                checkpoints.CheckpointRestoreError)
-
-
-_CONFIG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
-                  SyntaxError)
+_USER_ERRORS = (ConfigError, data.DatasetNotFoundError, data.CorruptDatasetError,
+                data.CorruptImageError, training.IncompatibleWorkdirError, training.WorkdirError,
+                training.TrainingDivergedError, training.CheckpointWriteError,
+                training.CheckpointRestoreError)
 
 
 def _one_line(error: BaseException) -> str:
@@ -80,7 +78,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = FLAGS(argv)
         FLAGS.config.keys()  # a file that failed to load raises here
-    except _CONFIG_ERRORS as error:
+    except Exception as error:  # pylint: disable=broad-except; a config file can raise anything
         sys.exit(_config_error(argv, error))
     return remaining
 
@@ -92,16 +90,42 @@ def main(argv: list[str]) -> None:
         logging.info('Host allocator: one glibc arena, freed memory kept for reuse.')
     logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
     if FLAGS.multihost:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes,
-                                   process_id=FLAGS.process_id)
+        try:
+            jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                       num_processes=FLAGS.num_processes,
+                                       process_id=FLAGS.process_id)
+        except (ValueError, RuntimeError) as error:
+            sys.exit(f'error: --multihost could not start JAX\'s distributed runtime '
+                     f'({str(error).splitlines()[0] if str(error) else type(error).__name__}); '
+                     'outside a cluster that JAX detects (Cloud TPU, SLURM, Open MPI), pass '
+                     '--coordinator_address=HOST:PORT --num_processes=N --process_id=I, the same '
+                     'address and count on every process')
     logging.info('JAX process %d of %d; %d local and %d global %s devices.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.default_backend())
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except training.CheckpointWriteError as error:
+        _quiet_until_exit()
+        sys.exit(f'error: {error}')
     except _USER_ERRORS as error:
         sys.exit(f'error: {error}')
+
+
+def _quiet_until_exit() -> None:
+    """After a failed save, orbax's background threads keep failing, and its unawaited write
+    coroutines warn when they are collected, as the process exits: the one-line error is what
+    the user sees of it. (The command ends here; a library call leaves these hooks alone.)"""
+    warnings.filterwarnings('ignore', message="coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
+    threading.excepthook = sys.unraisablehook = lambda *args: None
+    for name in ('absl', 'asyncio'):
+        std_logging.getLogger(name).addFilter(_OrbaxErrorFilter())
+
+
+class _OrbaxErrorFilter(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return '/orbax/' not in record.pathname and record.name != 'asyncio'
 
 
 if __name__ == '__main__':

@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +59,24 @@ def grayscale_imagefolder(root, per_class: int = 4, sixteen_bit: bool = False):
                     Image.fromarray(image).save(path)
                 written[split].append((path, image))
     return root, written
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A folder that nothing can write to, not even root: a tmpfs remounted read-only."""
+    def make(path, fill=None):
+        path.mkdir(parents=True, exist_ok=True)
+        mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(path)],
+                                 capture_output=True, check=False)
+        if mounted.returncode:
+            pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.decode().strip()}')
+        mounts.append(path)
+        if fill:
+            shutil.copytree(fill, path, dirs_exist_ok=True)
+        subprocess.run(['mount', '-o', 'remount,ro', str(path)], check=True)
+        return path
+
+    mounts = []
+    yield make
+    for path in mounts:
+        subprocess.run(['umount', str(path)], check=False)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from qhnet import activations
 
+from qhnet.models import activations
 
 @pytest.fixture
 def points() -> np.ndarray:

@@ -16,7 +16,7 @@ import json, resource, sys
 from qhnet import allocator
 applied = allocator.reuse_freed_memory() if sys.argv[1] == 'reuse' else None
 import jax, jax.numpy as jnp
-from qhnet.blocks import QuasiLinearBlock
+from qhnet.models.blocks import QuasiLinearBlock
 
 block = QuasiLinearBlock(16, activation='softball')
 u = jnp.ones((64, 28, 28, 16))

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 import pytest
 
-from qhnet import augment
 
+from qhnet.data import augment
 FASHION_MNIST_TRAIN = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'
 FILL_RGB = (124, 116, 104)
 FILL_L = (117,)

@@ -1,4 +1,4 @@
-"""Tests for the torchvision-layout baselines in qhnet.baselines."""
+"""Tests for the torchvision-layout baselines in qhnet.models.baselines."""
 
 import functools
 
@@ -9,8 +9,8 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
-from qhnet import baselines
-from qhnet.baselines import MobileNetV3Large, ResNet50
+from qhnet.models.baselines import MobileNetV3Large, ResNet50
+from qhnet.models import baselines
 
 MODELS = [ResNet50, MobileNetV3Large]
 # Name of the last module before global pooling, whose output is the final feature map.

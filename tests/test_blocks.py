@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qhnet.blocks import EQUATIONS, QuasiLinearBlock
-from qhnet.derivative import Derivative
+from qhnet.models.blocks import EQUATIONS, QuasiLinearBlock
+from qhnet.models.derivative import Derivative
 
 N = 8
 

@@ -1,7 +1,9 @@
 """The config files: every Table 1 row in every dataset variant, overrides, validation."""
 
 import importlib
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,9 @@ from ml_collections import config_flags
 import pytest
 
 from qhnet import config as qhnet_config
-from qhnet import data, models, train
+from qhnet import data, models
+from qhnet import training
+from qhnet.training import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = tuple(qhnet_config.ROWS)
@@ -55,7 +59,7 @@ def test_row_has_the_paper_recipe(row):
 @pytest.mark.parametrize('row', ROWS)
 def test_offline_variants_validate(row, variant):
     config = row_config(row, variant)
-    info = train.validate_config(config).info
+    info = preflight.validate(config).info
     assert info.name == variant and config.model.num_classes == info.num_classes
     # The row's block stays what the row says; only the dataset and the size change.
     imagenet = row_config(row)
@@ -98,38 +102,38 @@ def test_unknown_override_key_is_rejected():
 
 
 @pytest.mark.parametrize('path, value, message', [
-    ('model.activation', 'gelu', r"valid choices: \['relu', "),
-    ('model.dtype', 'float16', r"valid choices: \['float32', 'bfloat16'\]"),
+    ('model.activation', 'gelu', r"config.model.activation must be one of \['relu', "),
+    ('model.dtype', 'float16', r"must be one of \['float32', 'bfloat16'\], got 'float16'"),
     ('model.num_classes', 100, r'digits has 10 classes; set --config.model.num_classes=10'),
-    ('data.format', 'zip', r"\('auto', 'imagefolder', 'tfds'\)"),
-    ('batch_size', 0, r'config.batch_size must be an integer in \[1, inf\]'),
-    ('optimizer.momentum', 1.0, r'config.optimizer.momentum must be a number in \[0, 1\)'),
-    ('breakdown.lr_factor', 1.5, r'config.breakdown.lr_factor must be a number in \(0, 1\)'),
+    ('data.format', 'zip', r"config.data.format must be one of \['auto', 'imagefolder', 'tfds'\]"),
+    ('batch_size', 0, r'config.batch_size must be an integer in \[1, inf\), got 0'),
+    ('optimizer.momentum', 1.0, r'config.optimizer.momentum must be a finite number in \[0, 1\)'),
+    ('breakdown.lr_factor', 1.5, r'config.breakdown.lr_factor must be a finite number in \(0, 1\)'),
     ('optimizer.warmup_epochs', 20.0, 'leaves no steps for the cosine decay'),
 ])
 def test_invalid_values_fail_before_compiling(path, value, message):
     config = row_config('eq3_softball', 'digits')
     section, _, key = path.rpartition('.')
     (config[section] if section else config)[key] = value
-    with pytest.raises(train.ConfigError, match=message):
-        train.validate_config(config)
+    with pytest.raises(qhnet_config.ConfigError, match=message):
+        preflight.validate(config)
 
 
 def test_unknown_keys_fail_listing_the_valid_ones():
     config = row_config('eq3_softball', 'digits')
     config.unlock()
     config.optimizer.lr = 0.1
-    with pytest.raises(train.ConfigError, match=r"unknown key\(s\) \['lr'\] in config.optimizer; "
+    with pytest.raises(qhnet_config.ConfigError, match=r"unknown key\(s\) \['lr'\] in config.optimizer; "
                                                 r"valid keys: \['base_lr', "):
-        train.validate_config(config)
+        preflight.validate(config)
 
 
 def test_batch_must_split_evenly_over_devices(monkeypatch):
     monkeypatch.setattr(jax, 'device_count', lambda: 8)
     config = row_config('eq3_softball', 'digits')
     config.batch_size = 60
-    with pytest.raises(train.ConfigError, match='multiple of the 8 devices'):
-        train.validate_config(config)
+    with pytest.raises(qhnet_config.ConfigError, match='multiple of the 8 devices'):
+        preflight.validate(config)
 
 
 def test_missing_dataset_fails_at_once_with_instructions(tmp_path):
@@ -137,14 +141,14 @@ def test_missing_dataset_fails_at_once_with_instructions(tmp_path):
     config.data.data_dir = str(tmp_path)
     start = time.time()
     with pytest.raises(data.DatasetNotFoundError, match='apt-get install dataset-fashion-mnist'):
-        train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+        training.train_and_evaluate(config, str(tmp_path / 'workdir'))
     assert time.time() - start < 5
     assert not (tmp_path / 'workdir').exists()
 
 
 def test_imagenet100_without_data_explains_the_setup():
     with pytest.raises(data.DatasetNotFoundError, match='ImageFolder'):
-        train.validate_config(row_config('eq3_softball'))
+        preflight.validate(row_config('eq3_softball'))
 
 
 def test_cli_reports_a_bad_value_without_a_traceback(tmp_path):
@@ -154,7 +158,8 @@ def test_cli_reports_a_bad_value_without_a_traceback(tmp_path):
          f'--workdir={workdir}', '--config.model.placement=everywhere'],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
-    assert "error: unknown model.placement 'everywhere'; valid choices: ['ds', 'all']" in result.stderr
+    assert ("error: config.model.placement must be one of ['ds', 'all'], got 'everywhere'"
+            in result.stderr)
     assert 'Traceback' not in result.stderr
     assert not workdir.exists()
 
@@ -162,9 +167,9 @@ def test_cli_reports_a_bad_value_without_a_traceback(tmp_path):
 def test_missing_keys_fail_naming_them():
     config = row_config('eq3_softball', 'digits')
     del config.checkpoint['max_to_keep']
-    with pytest.raises(train.ConfigError, match=r"config.checkpoint lacks \['max_to_keep'\]; start "
+    with pytest.raises(qhnet_config.ConfigError, match=r"config.checkpoint lacks \['max_to_keep'\]; start "
                                                 r"from qhnet.config.get_config\(\)"):
-        train.validate_config(config)
+        preflight.validate(config)
     model_config = qhnet_config.model_config()
     del model_config['remat']
     with pytest.raises(ValueError, match=r"config.model lacks \['remat'\]"):
@@ -210,3 +215,67 @@ def test_installed_package_stands_alone(tmp_path):
     assert counted.returncode == 0, counted.stderr
     assert '| Eq. (7) no ws, x6      |   13,010,980 |' in counted.stdout
     assert len(counted.stdout.strip().splitlines()) == 2 + len(ROWS)
+
+
+def walk(schema, prefix=''):
+    """(dotted key, Field) of every key of the schema."""
+    for key, field in schema.items():
+        if isinstance(field, dict):
+            yield from walk(field, f'{prefix}{key}.')
+        else:
+            yield f'{prefix}{key}', field
+
+
+def keys(config, prefix=''):
+    found = set()
+    for key in config.keys():
+        if hasattr(config[key], 'keys'):
+            found |= keys(config[key], f'{prefix}{key}.')
+        else:
+            found.add(f'{prefix}{key}')
+    return found
+
+
+@pytest.mark.parametrize('variant', [None, 'fashion_mnist', 'digits'])
+def test_every_key_of_every_variant_is_declared_in_the_schema(variant):
+    """A variant that set a misspelt key would add it silently; the schema is the key list."""
+    declared = {key for key, _ in walk(qhnet_config.SCHEMA)}
+    for row in ROWS:
+        assert keys(qhnet_config.row_config(row, variant)) == declared
+    for key, field in walk(qhnet_config.SCHEMA):
+        assert field.problem(field.default) is None, key
+        assert field.help, key
+
+
+@pytest.mark.parametrize('key', [key for key, field in walk(qhnet_config.SCHEMA)
+                                 if field.kind in ('int', 'float') and not field.choices])
+def test_every_number_is_checked_against_its_declared_range(key):
+    field = dict(walk(qhnet_config.SCHEMA))[key]
+    config = row_config('eq3_softball', 'digits')
+    section, _, name = key.rpartition('.')
+    target = config[section] if section else config
+    bad = [math.inf, math.nan] + [True] * (field.kind == 'int')  # a float key casts True to 1.0
+    if field.low > -math.inf:
+        bad.append(field.low - 1)
+    if field.high < math.inf:
+        bad.append(field.high + 1)
+    for value in bad:
+        with target.ignore_type():
+            target[name] = value
+        with pytest.raises(qhnet_config.ConfigError, match=rf'config.{re.escape(key)} must be '):
+            qhnet_config.validate(config)
+
+
+@pytest.mark.parametrize('key', [key for key, field in walk(qhnet_config.MODEL)
+                                 if field.choices])
+def test_every_model_choice_of_the_schema_builds(key):
+    """The schema lists the choices; the models implement exactly those."""
+    for choice in qhnet_config.MODEL[key].choices:
+        model_config = row_config('eq3_softball', 'digits').model
+        model_config[key] = choice
+        if key == 'name' and choice != 'qhnet':
+            model_config.stem = 'small'
+        models.build(model_config)
+    with pytest.raises(qhnet_config.ConfigError, match=rf'config.model.{key} must be one of'):
+        model_config[key] = 'no such choice' if isinstance(choice, str) else 99
+        models.build(model_config)

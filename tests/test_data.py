@@ -14,6 +14,8 @@ import tensorflow_datasets as tfds
 
 from qhnet import config as qhnet_config
 from qhnet import data
+from qhnet.data import bundled, core, folders, transforms
+from qhnet.data import tfds as tfds_source
 from tests.conftest import grayscale_imagefolder
 
 # Three classes of the packaged ImageNet-100 list, deliberately not in sorted order.
@@ -41,7 +43,7 @@ def assert_same_batches(first, second):
 
 
 def test_packaged_class_list_is_the_cmc_imagenet100():
-    with open(data.IMAGENET100_CLASSES) as f:
+    with open(folders.IMAGENET100_CLASSES) as f:
         wnids = f.read().split()
     assert len(wnids) == len(set(wnids)) == 100
     assert wnids[:3] == ['n02869837', 'n01749939', 'n02488291']
@@ -239,6 +241,49 @@ def test_corrupt_train_image_names_the_file_when_read(tmp_path, imagefolder, num
         take(dataset.batches('train', batch_size=4, seed=0, train=True), 3)
 
 
+@pytest.mark.parametrize('fmt', ['GIF', 'WEBP', 'BMP'])
+def test_other_formats_named_jpg_are_refused_in_both_splits(tmp_path, imagefolder, fmt):
+    """Images are JPEGs or PNGs by their content: a GIF, WebP or BMP named .JPEG is refused in
+    val (when the dataset is opened) and in train (when it is read), naming the format."""
+    source, class_list = imagefolder
+    config = dict(name='imagenet100', class_list=str(class_list), image_size=32)
+    for split, index in (('val', 1), ('train', 3)):
+        root = copy_imagefolder(source, tmp_path / f'{fmt}_{split}')
+        impostor = root / split / WNIDS[0] / f'{WNIDS[0]}_{index}.JPEG'
+        with Image.open(impostor) as photo:
+            photo.save(impostor, fmt)
+        with pytest.raises(data.CorruptImageError,
+                           match=rf'{impostor}: it is {fmt[0]}.*not JPEG or PNG'):
+            dataset = data.open_dataset(data_config(data_dir=str(root), **config))
+            take(dataset.batches('train', batch_size=4, seed=0, train=True), 3)
+
+
+def test_a_large_valid_jpeg_is_read_in_both_splits(tmp_path, imagefolder):
+    """14000x14000 pixels is over PIL's decompression-bomb limit, and a valid photo."""
+    source, class_list = imagefolder
+    root = copy_imagefolder(source, tmp_path / 'large')
+    large = np.zeros((14000, 14000, 3), np.uint8)
+    large[::7, ::5] = 200
+    for split in ('val', 'train'):
+        write_jpeg(root / split / WNIDS[0] / f'{WNIDS[0]}_0.JPEG', large)
+    config = data_config(name='imagenet100', data_dir=str(root), class_list=str(class_list),
+                         image_size=32)
+    dataset = data.open_dataset(config)
+    batch = next(dataset.batches('test', batch_size=6, seed=0, train=False))
+    assert batch['image'].shape == (6, 32, 32, 3) and batch['image'][0].max() > 0
+
+
+def test_a_symbolic_link_that_loops_is_named(tmp_path, imagefolder):
+    source, class_list = imagefolder
+    root = copy_imagefolder(source, tmp_path / 'looped')
+    os.symlink('loop', root / 'train' / 'loop')
+    with pytest.raises(data.CorruptDatasetError,
+                       match=rf'cannot follow {root / "train" / "loop"} \(Too many levels of '
+                             r'symbolic links\); fix or remove it'):
+        data.open_dataset(data_config(name='imagenet100', data_dir=str(root),
+                                      class_list=str(class_list)))
+
+
 def test_missing_data_raises_quickly_with_instructions(tmp_path):
     start = time.perf_counter()
     with pytest.raises(data.DatasetNotFoundError, match='apt-get install dataset-fashion-mnist'):
@@ -354,7 +399,7 @@ def test_fashion_mnist_files_are_read_once_while_unchanged(fashion_copy, monkeyp
         raise AssertionError(f'read again: {args}')
 
     with monkeypatch.context() as patch:
-        patch.setattr(data.gzip, 'open', no_reading)
+        patch.setattr(bundled.gzip, 'open', no_reading)
         data.get_info(config)
         for split in data.SPLITS:
             next(data.make_iterator(config, split, batch_size=8, seed=0, train=False))
@@ -432,7 +477,7 @@ def prepare(builder_class, data_dir):
 def test_tfds_imagenet100_filters_and_relabels(tmp_path, monkeypatch, imagefolder):
     _, class_list = imagefolder
     prepare(QhnetTestImagenet, tmp_path)
-    monkeypatch.setattr(data, '_IMAGENET_TFDS_NAME', 'qhnet_test_imagenet')
+    monkeypatch.setattr(tfds_source, 'IMAGENET_TFDS_NAME', 'qhnet_test_imagenet')
     config = data_config(name='imagenet100', data_dir=str(tmp_path), class_list=str(class_list),
                          image_size=24, augment=True)
     info = data.get_info(config)
@@ -466,7 +511,7 @@ def test_tfds_dataset_by_name(tmp_path):
     images = np.concatenate([b['image'] for b in evaluation])[mask]
     np.testing.assert_array_equal(np.sort(labels), np.arange(10))
     # Each test image is uniformly 20 * label.
-    expected = (20 * labels / 255 - data._IMAGENET_GRAY_MEAN[0]) / data._IMAGENET_GRAY_STD[0]
+    expected = (20 * labels / 255 - core.IMAGENET_GRAY_MEAN[0]) / core.IMAGENET_GRAY_STD[0]
     normalised = data.normalise(images, info)
     np.testing.assert_allclose(normalised.mean(axis=(1, 2, 3)), expected, atol=0.05)
 
@@ -482,7 +527,7 @@ def test_grayscale_imagefolder_of_pngs(tmp_path, sixteen_bit):
     info = dataset.info
     assert info.class_names == tuple(f'class_{c}' for c in range(10))
     assert (info.num_classes, info.num_train, info.num_test) == (10, 40, 20)
-    assert info.image_shape == (28, 28, 1) and info.mean == data._IMAGENET_GRAY_MEAN
+    assert info.image_shape == (28, 28, 1) and info.mean == core.IMAGENET_GRAY_MEAN
     batch = next(dataset.batches('test', batch_size=20, seed=0, train=False))
     # An image already 28x28 is used as it is: the pixels come back exactly (16-bit: scaled).
     np.testing.assert_array_equal(batch['image'][..., 0],
@@ -529,7 +574,7 @@ def test_imagefolder_crops_are_bilinear_samples_of_the_decoded_image(imagefolder
     for path, pixels in zip(paths, batch['image']):
         with Image.open(path) as image:
             full = np.asarray(image.convert('RGB'))
-        box = data._central_crop_box(full.shape[1], full.shape[0], 16)
+        box = transforms.central_crop_box(full.shape[1], full.shape[0], 16)
         reference = bilinear_sample(full, box, 16)
         assert np.abs(reference - pixels).max() <= 2  # OpenCV's fixed-point weights
 
@@ -543,7 +588,7 @@ def test_jpeg_decoding_agrees_with_pil(digits, mode):
         encoded = io.BytesIO()
         photo.save(encoded, format=image_format, quality=90)
         for channels, target in ((3, 'RGB'), (1, 'L')):
-            pixels = data._decode_pixels(encoded.getvalue(), channels)
+            pixels = transforms.decode_pixels(encoded.getvalue(), channels)
             with Image.open(io.BytesIO(encoded.getvalue())) as image:
                 reference = np.asarray(image.convert(target), np.float64)
             assert pixels.shape == (48, 64, channels) and pixels.dtype == np.uint8

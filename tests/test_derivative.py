@@ -1,6 +1,6 @@
 """The derivative operator K: every implementation computes the same function and gradients.
 
-Each `impl` of `qhnet.derivative.depthwise_conv` is checked against an explicit
+Each `impl` of `qhnet.models.derivative.depthwise_conv` is checked against an explicit
 float64 numpy reference (a loop over output channels and taps) for shared and
 per-channel kernels, both `expand` modes, strides 1 and 2, odd and even sizes; the
 gradients (input and kernel) against autodiff of an independent jnp reference, and the
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from qhnet import config as qhnet_config
-from qhnet import derivative, models
-from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, Derivative, depthwise_conv
+from qhnet import models
+from qhnet.models.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, Derivative, depthwise_conv
+from qhnet.models import derivative
 
 # (name, kernels stored, outputs per input channel) as functions of (channels n, multiplier m).
 LAYOUTS = {

@@ -15,10 +15,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from qhnet import checkpoints, train
 from qhnet import config as qhnet_config
+from qhnet import training
+from qhnet.training import checkpoints, integrity, metrics
 from tests.test_main import assert_one_line_error
-from tests.test_train import flip_bytes
+from tests.test_training import flip_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 3 epochs of 23 steps; checkpoints at steps 0, 23, 46 and 69, all kept.
@@ -36,7 +37,7 @@ def run(workdir) -> subprocess.CompletedProcess:
 
 
 def final_variables(workdir):
-    step, _, variables = train.restore_variables(str(workdir))
+    step, _, variables = training.restore_variables(str(workdir))
     assert step == 69
     return variables
 
@@ -55,7 +56,7 @@ def clean_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow  # about 2 minutes on 2 cores; test_train.py kills and resumes in the fast suite
+@pytest.mark.slow  # about 2 minutes on 2 cores; test_training.py kills and resumes in the fast suite
 def test_kill_9_at_random_moments_resumes_to_identical_parameters(clean_run, tmp_path):
     """Three trials: kill -9 a random 0-1.5 s after training starts (the step-0 checkpoint
     is on disk), then run the same command again to the end."""
@@ -75,6 +76,8 @@ def test_kill_9_at_random_moments_resumes_to_identical_parameters(clean_run, tmp
         result = run(workdir)
         assert result.returncode == 0, result.stderr[-3000:]
         assert_identical(final_variables(workdir), expected)
+        # Every epoch's evaluation is on record, whatever the kill interrupted.
+        assert [row['step'] for row in metrics.read_metrics(str(workdir))['test']] == [23, 46, 69]
     assert killed >= 2  # most trials were stopped mid-run, not after the end
 
 
@@ -118,7 +121,7 @@ def test_full_disk_gives_one_line_and_keeps_the_checkpoints(small_disk):
     steps = store.steps()
     store.close()
     assert len(steps) >= 2 and steps[-1] == 0
-    step, _, variables = train.restore_variables(str(workdir))
+    step, _, variables = training.restore_variables(str(workdir))
     assert step == steps[0]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
     # With room again, the same command resumes from the newest checkpoint and finishes.
@@ -145,8 +148,8 @@ def test_a_failing_writer_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
     with pytest.raises(checkpoints.CheckpointWriteError,
                        match=r'step 46 .*: the disk is full\. The checkpoints already there '
                              r'\(23, 0\) are intact'):
-        train.train_and_evaluate(config, workdir)
-    step, _, variables = train.restore_variables(workdir)
+        training.train_and_evaluate(config, workdir)
+    step, _, variables = training.restore_variables(workdir)
     assert step == 23
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
 
@@ -154,22 +157,22 @@ def test_a_failing_writer_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
 def test_a_save_whose_digest_cannot_be_written_is_removed(tmp_path, monkeypatch):
     """The disk fills after orbax has finished step 46 but before its digest is written:
     the unverified step 46 is removed with the partial digest, and step 23 is the newest."""
-    digests = checkpoints.file_digests
+    digests = integrity.file_digests
 
     def failing_digests(step_dir):
         if os.path.basename(step_dir) == '46':
             raise OSError(errno.ENOSPC, 'No space left on device')
         return digests(step_dir)
 
-    monkeypatch.setattr(checkpoints, 'file_digests', failing_digests)
+    monkeypatch.setattr(integrity, 'file_digests', failing_digests)
     config = qhnet_config.row_config('eq3_softball', 'digits')
     config.num_epochs, config.progress_bar = 3, False
     workdir = tmp_path / 'workdir'
     with pytest.raises(checkpoints.CheckpointWriteError,
                        match=r'step 46 .*: the disk is full\. The checkpoints already there '
                              r'\(23, 0\) are intact'):
-        train.train_and_evaluate(config, str(workdir))
+        training.train_and_evaluate(config, str(workdir))
     assert sorted(os.listdir(workdir / checkpoints.CHECKPOINT_DIR)) == ['0', '23']
     assert sorted(os.listdir(workdir / checkpoints.DIGEST_DIR)) == ['0.json', '23.json']
-    step, _, _ = train.restore_variables(str(workdir))
+    step, _, _ = training.restore_variables(str(workdir))
     assert step == 23

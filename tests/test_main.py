@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from qhnet import train
 from tests.conftest import grayscale_imagefolder
+from qhnet import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = '--config=configs/eq3_softball.py:digits'
@@ -40,9 +40,10 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 @pytest.mark.parametrize('args,fragments', [
     (['--config.batch_sise=64'], ["unknown key 'batch_sise'", 'Did you mean "batch_size"']),
-    (['--config.model.widths=(8.5,16)'], ['model.widths (8.5, 16)', 'positive integers']),
-    (['--config.model.placement=everywhere'], ["unknown model.placement 'everywhere'",
-                                               "valid choices: ['ds', 'all']"]),
+    (['--config.model.widths=(8.5,16)'], ['config.model.widths must be a non-empty sequence of '
+                                          'positive integers, got (8.5, 16)']),
+    (['--config.model.placement=everywhere'], ["config.model.placement must be one of ['ds', "
+                                               "'all'], got 'everywhere'"]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):
     workdir = tmp_path / 'workdir'
@@ -61,6 +62,28 @@ def test_missing_or_broken_config_file(tmp_path):
     assert_one_line_error(result, 'invalid syntax')
     variant = run_main('--config=configs/eq3_softball.py:cifar10', f'--workdir={workdir}')
     assert_one_line_error(variant, "unknown config argument 'cifar10'", "'fashion_mnist'")
+    prose = tmp_path / 'prose.py'
+    prose.write_text('hi\n')  # runs, and fails with a NameError
+    assert_one_line_error(run_main(f'--config={prose}', f'--workdir={workdir}'),
+                          "bad --config", "name 'hi' is not defined")
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize('args,fragments', [
+    (['--config.optimizer.warmup_epochs=inf'], ['config.optimizer.warmup_epochs must be a '
+                                                'finite number in [0, inf), got inf']),
+    (['--config.optimizer.base_lr=inf'], ['config.optimizer.base_lr must be a finite number']),
+    (['--config.seed=1180591620717411303424'], ['config.seed must be an integer in [0, '
+                                                 '4294967295]']),
+    (['--config.data.image_size=100000'], ['config.data.image_size must be an integer in [1, '
+                                           '8192], got 100000']),
+    (['--multihost'], ["--multihost could not start JAX's distributed runtime",
+                       '--coordinator_address=HOST:PORT']),
+])
+def test_values_and_flags_that_fail_later_fail_first_in_one_line(tmp_path, args, fragments):
+    workdir = tmp_path / 'workdir'
+    result = run_main(DIGITS, f'--workdir={workdir}', *args)
+    assert_one_line_error(result, *fragments)
     assert not workdir.exists()
 
 
@@ -74,12 +97,16 @@ def test_unusable_workdir(tmp_path):
 
 
 def test_workdir_without_a_readable_checkpoint(tmp_path):
-    """A checkpoints folder whose only step is junk: nothing is moved or deleted."""
+    """A checkpoints folder whose only step is junk (and has no digest): nothing is moved or
+    deleted."""
     step = tmp_path / 'workdir' / 'checkpoints' / '5'
     step.mkdir(parents=True)
     (step / 'junk').write_text('not a checkpoint')
     result = run_main(DIGITS, f'--workdir={tmp_path / "workdir"}')
-    assert_one_line_error(result, 'none of the checkpoints', 'nothing was changed there')
+    assert_one_line_error(result, 'cannot be verified', 'nothing was changed')
+    trusted = run_main(DIGITS, f'--workdir={tmp_path / "workdir"}',
+                       '--config.checkpoint.trust_unverified=True')
+    assert_one_line_error(trusted, 'none of the checkpoints', 'nothing was changed there')
     assert (step / 'junk').read_text() == 'not a checkpoint'
 
 
@@ -105,7 +132,7 @@ def test_two_processes_train_like_one(tmp_path):
     summaries = [json.loads((tmp_path / name / 'summary.json').read_text()) for name in ('two', 'one')]
     assert summaries[0]['devices'] == summaries[1]['devices'] == 2
     assert summaries[0]['test_top1'] == summaries[1]['test_top1']
-    two, one = (train.restore_variables(str(tmp_path / name)).variables for name in ('two', 'one'))
+    two, one = (training.restore_variables(str(tmp_path / name)).variables for name in ('two', 'one'))
     for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
@@ -119,7 +146,7 @@ def test_grayscale_imagefolder_trains_and_evaluates(tmp_path):
                       f'--workdir={workdir}', '--config.num_epochs=2',
                       '--config.progress_bar=False')
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((workdir / train.SUMMARY_FILE).read_text())
+    summary = json.loads((workdir / training.SUMMARY_FILE).read_text())
     assert summary['dataset'] == 'imagefolder' and summary['steps'] == 2
     assert 0 <= summary['test_top1'] <= 1 and np.isfinite(summary['test_loss'])
     wrong = run_main('--config=configs/eq3_softball.py:fashion_mnist',

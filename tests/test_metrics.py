@@ -5,8 +5,8 @@ import errno
 
 from absl import logging
 
-from qhnet import metrics
 
+from qhnet.training import metrics
 
 class FullDisk:
     def write(self, data):

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from qhnet import activations, config, models
+from qhnet import config, models
+from qhnet.models import activations, network
 from tests.conftest import resize_images
 
 ROWS = sorted(config.ROWS)
@@ -57,7 +58,7 @@ def test_patch_stem_is_nn_conv(digits, stride, size):
     """The small stems' 3x3 conv as a matrix product of patches: nn.Conv's parameters and
     results, at stride 1 and 2, even and odd sizes."""
     images = resize_images(digits[0][:3], size, 1)
-    patches = models.Conv3x3Patches(8, stride=stride)
+    patches = network.Conv3x3Patches(8, stride=stride)
     conv = nn.Conv(8, (3, 3), strides=stride, padding=((1, 1), (1, 1)), use_bias=False)
     variables = patches.init(jax.random.key(0), images)
     expected = conv.apply(variables, images)
@@ -196,7 +197,7 @@ def test_activation_placement(digits, layout, placement, carriers):
     ('dtype', 'float16', 'bfloat16'),
 ])
 def test_bad_choices_fail_at_build_listing_valid_ones(field, value, valid):
-    with pytest.raises(ValueError, match=f'unknown model.{field}.*valid choices.*{valid}'):
+    with pytest.raises(ValueError, match=f'config.model.{field} must be one of .*{valid}'):
         models.build(qhnet_config(**{field: value}))
 
 
@@ -205,7 +206,7 @@ def test_bad_structure_fails_at_build():
     model_config.widht = 3
     with pytest.raises(ValueError, match="unknown key\\(s\\) \\['widht'\\] in config.model"):
         models.build(model_config)
-    with pytest.raises(ValueError, match='same length'):
+    with pytest.raises(ValueError, match='one entry per stage'):
         models.build(qhnet_config(widths=(8, 16), depths=(1,)))
     with pytest.raises(ValueError, match='Eq. \\(5\\)'):
         models.build(qhnet_config(equation=5, multiplier=3))

@@ -12,12 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from qhnet import activations, config, models
+from qhnet import config, models
 from qhnet import symmetry
 from qhnet.symmetry import baseline_family, slicing
 from qhnet.symmetry.__main__ import slice_report
 from qhnet.symmetry.structure import trace
 from qhnet.symmetry.testing import random_variables
+from qhnet.models import activations
 from tests.conftest import resize_images
 
 SMALL = dict(stem='small', widths=(8, 16, 32), depths=(2, 1, 2), num_classes=10)

@@ -408,6 +408,34 @@ def test_bad_elements_are_refused(identity_model):
             symmetry.act(spec, form, bad, force=True)
 
 
+def test_membership_is_checked_in_float64_at_the_forms_precision(images):
+    """A float16 1.3 * Q is not orthogonal: T^T T = 1.69 I. Its dtype's eps must not set the
+    slack (1e3 eps of float16 is 0.98); the form's float32 does. An integer T is refused by
+    name, not by numpy's 'not inexact'."""
+    model = small_model('eq3', 'softball', 'ds')
+    spec = symmetry.group_spec(model)
+    form = symmetry.fold(spec, random_variables(model, (16, 16, 16, 1)))
+    q = groups.sample_matrix(np.random.default_rng(0), 'O', 16)
+    element = {'streams': {'stage2_block1': (1.3 * q).astype(np.float16)}, 'hidden': {}}
+    with pytest.raises(ValueError, match=r'not in O, .*T\^T T differs from I by 6.9'):
+        symmetry.act(spec, form, element)
+    with pytest.raises(ValueError, match='has dtype int64; a change of basis is a matrix of real'):
+        symmetry.act(spec, form, {'streams': {'stage2_block1': np.eye(16, dtype=np.int64)}})
+    # An orthogonal T in float64 is still admitted, and keeps the function.
+    report = symmetry.verify(spec, form, {'streams': {'stage2_block1': q}, 'hidden': {}}, images)
+    assert report['invariant']
+
+
+@pytest.mark.parametrize('cond', [np.inf, np.nan, 0.5, 1e5])
+def test_a_condition_number_without_a_tolerance_is_refused_when_sampling(identity_model, cond):
+    spec, _, _ = identity_model
+    with pytest.raises(ValueError, match=r'cond=.* must be a finite number in \[1, 10000\]'):
+        symmetry.sample(spec, jax.random.key(0), cond=cond)
+    if np.isfinite(cond) and cond > 1:  # beyond the validated range only when forced
+        element = symmetry.sample(spec, jax.random.key(0), cond=cond, force=True)
+        assert symmetry.condition(element) == pytest.approx(cond, rel=1e-6)
+
+
 def test_bad_requests_are_refused(identity_model):
     spec, variables, form = identity_model
     with pytest.raises(ValueError, match='unknown group'):
@@ -490,7 +518,7 @@ def test_beyond_max_condition_is_not_verifiable(identity_model, images):
     MAX_CONDITION and the report says the check cannot be made, rather than a pass."""
     spec, _, form = identity_model
     width = max(s.width for s in spec.streams)
-    element = symmetry.sample(spec, jax.random.key(3), cond=1e6)
+    element = symmetry.sample(spec, jax.random.key(3), cond=1e6, force=True)
     result = symmetry.verify(spec, form, element, images, force=True)
     assert result['kappa'] == pytest.approx(1e6)
     assert result['tolerance'] == symmetry.invariance_tolerance(np.float32, MAX_CONDITION, width)

@@ -8,14 +8,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from qhnet import checkpoints
 from qhnet import config as qhnet_config
-from qhnet import train
+from qhnet import symmetry, training
+from qhnet.training import checkpoints, preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def workdir(tmp_path_factory) -> str:
     config.optimizer.warmup_epochs = 0.2
     config.progress_bar = False
     path = str(tmp_path_factory.mktemp('digits'))
-    train.train_and_evaluate(config, path)
+    training.train_and_evaluate(config, path)
     return path
 
 
@@ -56,10 +57,10 @@ def test_verify_transforms_writes_and_reevaluates(workdir, tmp_path):
         assert transformed['top1'] == original['top1'] and transformed['top5'] == original['top5']
         assert abs(transformed['loss'] - original['loss']) <= 1e-4 * abs(original['loss'])
     assert os.path.isdir(os.path.join(output, 'full_group_form'))
-    _, config, variables = train.restore_variables(output)
+    _, config, variables = training.restore_variables(output)
     assert config.model.mixing
     # The head absorbed the last stream's random rotation: different weights, same function.
-    *_, before = train.restore_variables(workdir)
+    *_, before = training.restore_variables(workdir)
     change = abs(variables['params']['head']['kernel'] - before['params']['head']['kernel']).max()
     assert change > 1e-2 * abs(before['params']['head']['kernel']).max()
 
@@ -116,17 +117,55 @@ def test_reports_and_writes_the_step_it_restored(workdir, tmp_path):
 
 def test_non_finite_model_is_refused(workdir, tmp_path):
     """A checkpoint with a NaN kernel has no function to check: refused, not 'invariant'."""
-    step, config, variables = train.restore_variables(workdir)
+    poisoned, step = poisoned_copy(workdir, tmp_path)
+    line = error_line(run_cli('verify', f'--workdir={poisoned}', '--num_images=64'))
+    assert f'the logits of the checkpoint of step {step} on 64 test images are not finite' in line
+    assert 'params/stage1_block1/coef/kernel' in line
+    assert not os.path.exists(os.path.join(poisoned, 'transformed', 'symmetry.json'))
+
+
+def poisoned_copy(workdir: str, tmp_path) -> tuple[str, int]:
+    """A checkpoint of the run's newest variables with a NaN kernel, and its step."""
+    step, config, variables = training.restore_variables(workdir)
     variables = jax.tree_util.tree_map(np.array, variables)
     variables['params']['stage1_block1']['coef']['kernel'][0, 0, 0, :] = np.nan
     poisoned = str(tmp_path / 'poisoned')
     store = checkpoints.CheckpointStore(poisoned)
     store.save(step, variables, {'step': np.asarray(step)}, config)
     store.close()
-    line = error_line(run_cli('verify', f'--workdir={poisoned}', '--num_images=64'))
-    assert f'the logits of the checkpoint of step {step} on 64 test images are not finite' in line
-    assert 'params/stage1_block1/coef/kernel' in line
-    assert not os.path.exists(os.path.join(poisoned, 'transformed', 'symmetry.json'))
+    return poisoned, step
+
+
+def test_slicing_a_non_finite_model_is_refused_in_one_line(workdir, tmp_path):
+    poisoned, step = poisoned_copy(workdir, tmp_path)
+    line = error_line(run_cli('slice', f'--workdir={poisoned}', '--keep=0.5',
+                              f'--output_workdir={tmp_path / "sliced"}'))
+    assert f'the logits of the checkpoint of step {step}' in line and 'are not finite' in line
+
+
+@pytest.mark.parametrize('command', ['verify', 'slice'])
+def test_an_output_that_cannot_be_written_is_refused_at_once(workdir, tmp_path, command,
+                                                            read_only_mount):
+    """Orbax would retry a read-only output for minutes, then print a long traceback."""
+    output = read_only_mount(tmp_path / 'read_only') / 'out'
+    start = time.time()
+    line = error_line(run_cli(command, f'--workdir={workdir}', f'--output_workdir={output}'))
+    assert f'cannot write to --output_workdir={output}' in line
+    assert time.time() - start < 120
+
+
+def test_folding_a_checkpoint_with_the_spec_of_another_model_is_refused(workdir):
+    """Softball and identity activations have variables of the same shapes; the checkpoint's
+    stored config tells them apart."""
+    restored = training.restore_variables(workdir)
+    other = restored.config.model.copy_and_resolve_references()
+    other.activation = 'identity'
+    with pytest.raises(ValueError, match=r"holds a model other than the spec's \(block "
+                                         r"stage2_block1: activation 'softball' in the checkpoint, "
+                                         r"'identity' in the spec\)"):
+        symmetry.fold(symmetry.group_spec(other), restored)
+    spec = symmetry.group_spec(restored)  # built from the checkpoint's own config
+    symmetry.fold(spec, restored)
 
 
 def unreadable_copy(workdir: str, tmp_path) -> str:
@@ -139,7 +178,7 @@ def empty_dir(tmp_path) -> str:
 
 
 # case: (the flags, from the trained workdir and tmp_path; what the error line says). Where
-# train.restore_variables refuses the workdir, the line is its message, which names the workdir.
+# training.restore_variables refuses the workdir, the line is its message, which names the workdir.
 BAD_INPUT = {
     'no workdir': (lambda w, tmp: [], '--workdir is missing or empty'),
     'empty workdir': (lambda w, tmp: ['--workdir='], '--workdir is missing or empty'),
@@ -176,13 +215,13 @@ def test_slice_writes_a_model_that_evaluates_and_fine_tunes(workdir, tmp_path):
     assert summary['finetune_base_lr'] == pytest.approx(
         0.1 * qhnet_config.get_config('digits').optimizer.base_lr)
     assert summary['params_after'] < summary['params_before']
-    before = train.evaluate(*train.restore_variables(workdir)[1:])['top1']
+    before = training.evaluate(*training.restore_variables(workdir)[1:])['top1']
     assert summary['top1_before'] == before and 0 <= summary['top1_after'] <= 1
     for stream in summary['streams']:
         assert stream['kept'] == stream['width'] // 2
         assert 0 < stream['explained_variance'] <= 1
         assert 0 < stream['flops_after'] < stream['flops_before']
-    _, config, _ = train.restore_variables(output)
+    _, config, _ = training.restore_variables(output)
     assert tuple(config.model.stream_widths) == (8, 16) and config.model.mixing
     finetune = subprocess.run(
         [sys.executable, '-m', 'qhnet.main', f'--config={output}/config.py',
@@ -225,8 +264,8 @@ def test_slice_bad_input_is_refused(workdir, tmp_path, flag, message):
 def test_init_from_a_workdir_without_checkpoints_is_refused(tmp_path):
     config = qhnet_config.row_config('eq3_softball', 'digits')
     config.init_from = str(tmp_path / 'nothing')
-    with pytest.raises(train.ConfigError, match='init_from=.* holds no checkpoints'):
-        train.validate_config(config)
+    with pytest.raises(qhnet_config.ConfigError, match='init_from=.* holds no checkpoints'):
+        preflight.validate(config)
 
 
 def test_init_from_another_model_is_refused(workdir, tmp_path):
@@ -234,5 +273,46 @@ def test_init_from_another_model_is_refused(workdir, tmp_path):
     config.model.widths = (16, 64)
     config.init_from = workdir
     config.progress_bar = False
-    with pytest.raises(train.ConfigError, match=r'holds variables of another model'):
-        train.train_and_evaluate(config, str(tmp_path / 'run'))
+    with pytest.raises(qhnet_config.ConfigError, match=r'holds variables of another model'):
+        training.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_the_command_loads_checkpoints_and_evaluation_not_the_training_loop():
+    """`python -m qhnet.symmetry` restores, saves and evaluates variables: it imports
+    `qhnet.training.checkpoints` and `qhnet.training.evaluation`, not the loop, the step, the
+    metric writers or the workdir checks (nor tqdm, TensorBoard or matplotlib with them)."""
+    script = ('import sys, qhnet.symmetry.__main__\n'
+              'print(" ".join(sorted(m for m in sys.modules if m.startswith("qhnet.training") '
+              'or m in ("tqdm", "tensorboardX", "matplotlib"))))')
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=True)
+    loaded = set(result.stdout.split())
+    assert {'qhnet.training.checkpoints', 'qhnet.training.evaluation'} <= loaded
+    assert loaded.isdisjoint({'qhnet.training.loop', 'qhnet.training.steps',
+                              'qhnet.training.metrics', 'qhnet.training.workdirs',
+                              'qhnet.training.preflight', 'tqdm', 'tensorboardX', 'matplotlib'})
+
+
+def test_the_readme_fine_tune_command_works_on_the_digits_recipe(tmp_path):
+    """The README's commands as written, on the digits variant's own schedule (a 1-epoch
+    warmup): the sliced model's config keeps the warmup at the same fraction of the epochs,
+    so `--config.num_epochs=1` leaves room for the decay."""
+    trained = str(tmp_path / 'trained')
+    config = qhnet_config.row_config('eq3_softball', 'digits')
+    config.num_epochs, config.progress_bar = 2, False
+    training.train_and_evaluate(config, trained)
+    output = str(tmp_path / 'sliced')
+    sliced = run_cli('slice', f'--workdir={trained}', '--keep=0.75', f'--output_workdir={output}')
+    assert sliced.returncode == 0, sliced.stderr[-3000:]
+    finetune = subprocess.run(
+        [sys.executable, '-m', 'qhnet.main', f'--config={output}/config.py',
+         f'--workdir={output}/finetune', '--config.num_epochs=1'],
+        cwd=ROOT, text=True, capture_output=True, timeout=600,
+        env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    with open(os.path.join(output, 'finetune', 'summary.json')) as f:
+        assert json.load(f)['epochs'] == 1
+    # The run warmed up for 1 of its 2 epochs; the 1-epoch fine-tune keeps that half: 12 of its
+    # 23 steps.
+    assert re.search(r'23 steps \(23 per epoch\), peak learning rate [0-9.e-]+ after 12 warmup',
+                     finetune.stderr), finetune.stderr[-2000:]

@@ -93,13 +93,23 @@ def test_differences_are_read_against_the_spread_across_seeds():
     assert table1.against(rows, 'one_seed') == [] and table1.against(rows, 'missing') == []
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     runs_dir, out = tmp_path / 'runs', tmp_path / 'digits'
     args = ['--variant=digits', '--rows', 'eq3_softball', '--seeds', '0', '--num_epochs', '3',
             '--runs_dir', str(runs_dir), '--out', str(out)]
     steps_per_epoch = 1500 // 64  # digits: 1,500 training images, batch 64
     # The first attempt dies after the first epoch's checkpoint, as a killed process would.
-    assert table1.main(args + ['--set', f'debug.crash_after_step={steps_per_epoch + 5}']) == 1
+    command = table1.command
+
+    def crashing(run, variant):
+        qhnet_main = command(run, variant)
+        assert qhnet_main[1:3] == ['-m', 'qhnet.main']
+        return [qhnet_main[0], '-m', 'tests.injection', f'--crash_after={steps_per_epoch + 5}',
+                *qhnet_main[3:]]
+
+    monkeypatch.setattr(table1, 'command', crashing)
+    assert table1.main(args) == 1
+    monkeypatch.undo()
     workdir = runs_dir / 'eq3_softball' / 'seed0'
     assert not (workdir / 'summary.json').exists()
     assert read_results(out)['rows'][0]['top1_seeds'] == []

@@ -3,7 +3,7 @@ slices a trained model through its group.
 
   python -m qhnet.symmetry verify --workdir=DIR [--output_workdir=DIR/transformed] [--cond=10]
 
-1. Restores the newest checkpoint in --workdir (`qhnet.train.restore_variables`) and
+1. Restores the newest checkpoint in --workdir (`qhnet.training.restore_variables`) and
    folds it (`fold`) in float32, the checkpoint's precision.
 2. Samples a random element of the group the model admits (`group_spec`, every
    stream's full group), reports the largest relative change of the logits on the
@@ -15,7 +15,7 @@ slices a trained model through its group.
    them the identity (`tie_identity_shortcuts=True`), verifies it the same way, writes
    the transformed model as a checkpoint of the same model with `mixing=True`
    (`unfold`) to --output_workdir, reads it back with `restore_variables`, and evaluates
-   it and the original on the whole test split (`qhnet.train.evaluate`). For the
+   it and the original on the whole test split (`qhnet.training.evaluate`). For the
    baselines (ResNet50, MobileNetV3) the subgroup is the whole group and the model's
    config is unchanged: their layers hold any element as they are.
 
@@ -54,6 +54,7 @@ the arrays it names, before and after. It refuses, as `verify` does, a bad --wor
 import json
 import os
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -61,11 +62,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qhnet import allocator, checkpoints, data, models, train
-from qhnet import symmetry
+from qhnet import allocator, data, models, symmetry
+from qhnet import config as qhnet_config
 from qhnet.symmetry import slicing
 from qhnet.symmetry.action import MAX_CONDITION
 from qhnet.symmetry.folding import leaves
+from qhnet.training import checkpoints, evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training workdir holding checkpoints.')
@@ -82,6 +84,8 @@ flags.DEFINE_float('finetune_lr_factor', 0.1, 'slice: OUT/config.py fine-tunes w
                    'recipe\'s schedule at this times its peak learning rate.')
 flags.DEFINE_integer('calibration_images', 512, 'slice: training images whose stream moments '
                      'choose the directions kept.')
+flags.DEFINE_bool('trust_unverified', False, 'Restore checkpoints that have no content digest '
+                  'at all (checkpoint_digests/ deleted); they cannot be verified.')
 flags.DEFINE_enum('method', 'rotate', slicing.METHODS, 'slice: rotate to the principal axes '
                   '(where the group allows), select channels by variance, or by weight norm.')
 
@@ -99,8 +103,8 @@ class CommandError(Exception):
     """A problem with the command's input: one line that names it and the fix."""
 
 
-def restore(workdir: str) -> train.Restored:
-    """The newest readable checkpoint of --workdir (`train.restore_variables`)."""
+def restore(workdir: str) -> checkpoints.Restored:
+    """The newest readable checkpoint of --workdir (`checkpoints.restore_variables`)."""
     if not workdir:
         raise CommandError('--workdir is missing or empty; pass --workdir=DIR, the workdir of a '
                            'training run (python -m qhnet.main --workdir=DIR)')
@@ -108,17 +112,24 @@ def restore(workdir: str) -> train.Restored:
         raise CommandError(f'--workdir={workdir} is not a directory; pass the workdir of a '
                            'training run (python -m qhnet.main --workdir=DIR)')
     try:
-        return train.restore_variables(workdir)
+        return checkpoints.restore_variables(workdir, trust_unverified=FLAGS.trust_unverified)
     except checkpoints.CheckpointRestoreError as error:  # its message names the fix
         raise CommandError(' '.join(str(error).splitlines())) from error
 
 
 def check_output(workdir: str, output_workdir: str, step: int) -> None:
-    """Refuses to write into the training run, or next to checkpoints of other steps (the newest
-    would be read back instead of the one written)."""
+    """Refuses to write into the training run, next to checkpoints of other steps (the newest
+    would be read back instead of the one written), or where nothing can be written."""
     if os.path.realpath(output_workdir) == os.path.realpath(workdir):
         raise CommandError(f'--output_workdir is --workdir ({workdir}), whose checkpoint the '
                            'transformed model would overwrite; pass another --output_workdir')
+    try:
+        os.makedirs(output_workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_workdir):
+            pass
+    except OSError as error:
+        raise CommandError(f'cannot write to --output_workdir={output_workdir} '
+                           f'({error.strerror or error}); pass a writable directory') from error
     if checkpoints.has_checkpoints(output_workdir):
         store = checkpoints.CheckpointStore(output_workdir, read_only=True)
         try:
@@ -151,13 +162,14 @@ def check(spec, form, images, key) -> tuple[dict, dict]:
 
 
 def run(workdir: str, output_workdir: str) -> dict:
-    step, config, variables = restore(workdir)
+    restored = restore(workdir)
+    step, config, variables = restored
     check_output(workdir, output_workdir, step)
     model = models.build(config.model)
     dataset = data.open_dataset(config.data)
     images = first_images(dataset, 'test', FLAGS.num_images)
     full, tied = symmetry.group_spec(model), symmetry.group_spec(model, tie_identity_shortcuts=True)
-    form = symmetry.fold(full, variables)
+    form = symmetry.fold(full, restored)
     check_finite(full, form, images, step, variables)
     keys = jax.random.split(jax.random.key(FLAGS.seed))
     full_element, full_report = check(full, form, images, keys[0])
@@ -172,25 +184,26 @@ def run(workdir: str, output_workdir: str) -> dict:
     moved_config = config.copy_and_resolve_references()
     if moved_config.model.name == 'qhnet':  # the baselines' layers hold any element as they are
         moved_config.model.mixing = True
-    train.save_variables(output_workdir, step, moved, moved_config)
-    _, reloaded_config, reloaded = train.restore_variables(output_workdir)  # the step written
+    checkpoints.save_variables(output_workdir, step, moved, moved_config)
+    _, reloaded_config, reloaded = checkpoints.restore_variables(output_workdir)  # the step written
     return {
         'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
         'num_images': int(len(images)),
         'streams': str(full), 'tied_streams': str(tied),
         'full_group': full_report, 'tied_group': tied_report,
         'evaluation': {
-            'original': train.evaluate(config, variables, dataset=dataset),
-            'full_group_form': train.evaluate(
+            'original': evaluation.evaluate(config, variables, dataset=dataset),
+            'full_group_form': evaluation.evaluate(
                 config, full_moved, logits_fn=lambda f, x: symmetry.apply(full, f, x),
                 dataset=dataset),
-            'transformed': train.evaluate(reloaded_config, reloaded, dataset=dataset)},
+            'transformed': evaluation.evaluate(reloaded_config, reloaded, dataset=dataset)},
     }
 
 
-FINETUNE_CONFIG = '''"""The model sliced from {workdir} (step {step}) by `python -m qhnet.symmetry slice`
---keep={keep:g} --method={method}{stem}. Fine-tune it (config.init_from starts from its variables;
-the recipe's schedule at {factor:g} times its peak learning rate, optimizer.base_lr):
+FINETUNE_CONFIG = '''"""The model sliced from {workdir} (step {step})
+by `python -m qhnet.symmetry slice --keep={keep:g} --method={method}{stem}`. Fine-tune it
+(config.init_from starts from its variables; the recipe's schedule at {factor:g} times its peak
+learning rate, optimizer.base_lr, with the warmup the same fraction of the epochs):
 
   python -m qhnet.main --config={output}/config.py --workdir={output}/finetune --config.num_epochs=1
 """
@@ -198,12 +211,15 @@ the recipe's schedule at {factor:g} times its peak learning rate, optimizer.base
 import json
 import os
 
-from qhnet import checkpoints
+from qhnet import config
 
 
 def get_config():
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
-        return checkpoints.config_from_json(json.load(f))
+        finetune = config.from_json(json.load(f))
+    # --config.num_epochs=N keeps the warmup at the same fraction of the training.
+    finetune.optimizer.warmup_epochs = finetune.get_ref('num_epochs') * {warmup_fraction!r}
+    return finetune
 '''
 
 
@@ -217,7 +233,8 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
     if FLAGS.calibration_images < 1:
         raise CommandError(f'--calibration_images={FLAGS.calibration_images}: slicing needs '
                            'training images; pass --calibration_images=N with N >= 1')
-    step, config, variables = restore(workdir)
+    restored = restore(workdir)
+    step, config, variables = restored
     check_output(workdir, output_workdir, step)
     if config.model.name != 'qhnet' or config.model.equation != 3:
         raise CommandError(f'slicing covers QHNets of Eq. (3) for now; {workdir} holds a '
@@ -225,21 +242,25 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
                            'Eq. (3) model (configs/eq3_*.py)')
     dataset = data.open_dataset(config.data)
     images = first_images(dataset, 'train', FLAGS.calibration_images)
+    spec = symmetry.group_spec(restored)
+    check_finite(spec, symmetry.fold(spec, restored), images, step, variables)
     sliced = slicing.slice_variables(config, variables, images, FLAGS.keep, FLAGS.method,
                                      slice_stem=FLAGS.slice_stem)
     output = os.path.abspath(output_workdir)
-    train.save_variables(output, step, sliced.variables, sliced.config)
+    checkpoints.save_variables(output, step, sliced.variables, sliced.config)
     finetune = sliced.config.copy_and_resolve_references()
     finetune.init_from = output
     finetune.optimizer.base_lr *= FLAGS.finetune_lr_factor
     with open(os.path.join(output, 'config.json'), 'w') as f:
-        json.dump(checkpoints.config_to_json(finetune), f, indent=2)
+        json.dump(qhnet_config.to_json(finetune), f, indent=2)
     with open(os.path.join(output, 'config.py'), 'w') as f:
         f.write(FINETUNE_CONFIG.format(workdir=os.path.abspath(workdir), step=step,
                                        keep=FLAGS.keep, method=FLAGS.method, output=output,
                                        stem=' --slice_stem' if FLAGS.slice_stem else '',
-                                       factor=FLAGS.finetune_lr_factor))
-    _, reloaded_config, reloaded = train.restore_variables(output)  # what was written
+                                       factor=FLAGS.finetune_lr_factor,
+                                       warmup_fraction=(finetune.optimizer.warmup_epochs
+                                                        / finetune.num_epochs)))
+    _, reloaded_config, reloaded = checkpoints.restore_variables(output)  # what was written
     return {
         'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
         'keep': FLAGS.keep, 'method': FLAGS.method, 'slice_stem': FLAGS.slice_stem,
@@ -248,8 +269,8 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
         'stream_widths': list(sliced.config.model.stream_widths),
         'params_before': slicing.count_params(variables),
         'params_after': slicing.count_params(reloaded),
-        'top1_before': train.evaluate(config, variables, dataset=dataset)['top1'],
-        'top1_after': train.evaluate(reloaded_config, reloaded, dataset=dataset)['top1'],
+        'top1_before': evaluation.evaluate(config, variables, dataset=dataset)['top1'],
+        'top1_after': evaluation.evaluate(reloaded_config, reloaded, dataset=dataset)['top1'],
         'streams': [dict(name=s.name, group=s.group, width=s.width, kept=s.kept,
                          rotated=s.rotated, explained_variance=s.explained_variance,
                          flops_before=2 * s.macs_before, flops_after=2 * s.macs_after)

@@ -53,6 +53,11 @@ def sample(spec: GroupSpec, key, cond: float = 10.0, group=None, hidden: bool = 
     admitted group unless `force=True`. `cond` is cond(T) for 'GL' and
     'scaled_permutation' streams and max|scale| / min|scale| for the hidden scales.
     """
+    if not (isinstance(cond, (int, float, np.number)) and 1 <= cond < np.inf
+            and (force or cond <= MAX_CONDITION)):
+        raise ValueError(f'cond={cond!r} must be a finite number in [1, {MAX_CONDITION:g}] (the '
+                         'condition numbers `verify` has a tolerance for), or larger with '
+                         'force=True')
     rng = _rng(key)
     requested = group if isinstance(group, dict) else {s.name: group for s in spec.streams}
     unknown = sorted(set(requested) - {s.name for s in spec.streams})
@@ -105,8 +110,9 @@ def _mix(x: np.ndarray, m: np.ndarray, axis: int, repeat: int) -> np.ndarray:
     return np.moveaxis(mixed, -1, axis)
 
 
-def _check(spec: GroupSpec, element: dict, force: bool) -> None:
-    """Refuses elements that do not fit the spec (always) or the admitted groups (unless forced)."""
+def _check(spec: GroupSpec, element: dict, force: bool, dtype) -> None:
+    """Refuses elements that do not fit the spec (always) or the admitted groups (unless forced).
+    Membership is checked in float64, to within what the form's `dtype` can hold."""
     unknown_keys = sorted(set(element) - {'streams', 'hidden'})
     streams = {s.name: s for s in spec.streams}
     hidden = {h.block: h for h in spec.hidden}
@@ -117,6 +123,10 @@ def _check(spec: GroupSpec, element: dict, force: bool) -> None:
                          f'{list(streams)}) and "hidden" (named after the blocks)')
     for name, t in element.get('streams', {}).items():
         stream, t = streams[name], np.asarray(t)
+        if not np.issubdtype(t.dtype, np.floating):
+            raise ValueError(f'T for stream {name!r} has dtype {t.dtype}; a change of basis is a '
+                             'matrix of real numbers: pass it as floats (T.astype(np.float64))')
+        t = t.astype(np.float64)
         if t.shape != (stream.width, stream.width):
             raise ValueError(f'stream {name!r} has {stream.width} channels, so T must be '
                              f'{stream.width} x {stream.width}; got shape {t.shape}')
@@ -137,7 +147,7 @@ def _check(spec: GroupSpec, element: dict, force: bool) -> None:
                 f'stream {name!r} passes through per-channel maps ({"/".join(per_channel[0].path)}'
                 f', ...), which stay per channel only under a permutation times a diagonal; T has '
                 'more than one nonzero in a row or column')
-        reason = groups.membership_error(stream.group, t, t.dtype)
+        reason = groups.membership_error(stream.group, t, dtype)
         if not force and reason:
             raise ValueError(
                 f'T for stream {name!r} is not in {stream.group}, the group its activation admits '
@@ -162,7 +172,7 @@ def act(spec: GroupSpec, form: dict, element: dict, force: bool = False) -> dict
     that do not fit the spec or (unless `force`) its groups."""
     check_form(spec, form)
     dtype = form_dtype(form)
-    _check(spec, element, force)
+    _check(spec, element, force, dtype)
     new = {name: {key: np.asarray(x, np.float64) for key, x in arrays.items()}
            for name, arrays in form.items()}
 
@@ -265,8 +275,8 @@ def verify(spec: GroupSpec, form: dict, element: dict, images, force: bool = Fal
     """
     check_form(spec, form)
     check_images(spec, form, images)
-    _check(spec, element, force)
     dtype = form_dtype(form)
+    _check(spec, element, force, dtype)
     logits = np.asarray(apply(spec, form, images), np.float64)
     if not np.all(np.isfinite(logits)):
         raise ValueError('the logits of the form are not finite on these images, so there is '

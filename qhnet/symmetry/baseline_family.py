@@ -1,4 +1,4 @@
-"""The baselines (`qhnet.baselines`: ResNet50, MobileNetV3Large): their hidden-channel
+"""The baselines (`qhnet.models.baselines`: ResNet50, MobileNetV3Large): their hidden-channel
 symmetries as a group spec, their inference form, its forward pass and the way back.
 
 Inference form. Every conv (or Dense) with the BatchNorm after it folded in is one affine

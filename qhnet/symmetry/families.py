@@ -7,6 +7,8 @@ also check what every family's functions take on trust: that a form is one of th
 model (`check_form`) and that images fit its stem (`check_images`).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -29,14 +31,42 @@ def family(structure):
 
 def group_spec(model, tie_identity_shortcuts: bool = False) -> GroupSpec:
     """The `GroupSpec` of a QHNet or baseline module (or of the config `model` section that
-    builds one): its streams, their groups and its blocks' hidden symmetries.
+    builds one, or of a checkpoint that `qhnet.training.restore_variables` read: its stored
+    config's model): its streams, their groups and its blocks' hidden symmetries.
 
     `tie_identity_shortcuts=True` merges a QHNet's streams across its identity shortcuts, so
     that elements of the spec can be written back into the Flax model (`unfold`). The
     baselines' identity shortcuts always tie their streams: for them it changes nothing.
     """
-    structure = trace(model)
+    structure = trace(model.config.model if _is_restored(model) else model)
     return family(structure).group_spec(structure, tie_identity_shortcuts)
+
+
+def _is_restored(value) -> bool:
+    """Whether `value` is what `restore_variables` returns: (step, config, variables)."""
+    return all(hasattr(value, name) for name in ('step', 'config', 'variables'))
+
+
+def _structure_difference(spec: GroupSpec, stored) -> str | None:
+    """How the model of a checkpoint's stored config differs from the spec's, or None."""
+    if stored == spec.structure:
+        return None
+    if type(stored) is not type(spec.structure):
+        return f'a {type(stored).__name__} against a {type(spec.structure).__name__}'
+    for field in dataclasses.fields(stored):
+        ours, theirs = getattr(spec.structure, field.name), getattr(stored, field.name)
+        if field.name == 'blocks' and len(ours) == len(theirs):
+            for block_ours, block_theirs in zip(ours, theirs):
+                if block_ours != block_theirs:
+                    differing = [f.name for f in dataclasses.fields(block_ours)
+                                 if getattr(block_ours, f.name) != getattr(block_theirs, f.name)]
+                    return (f'block {block_ours.name}: ' + ', '.join(
+                        f'{name} {getattr(block_theirs, name)!r} in the checkpoint, '
+                        f'{getattr(block_ours, name)!r} in the spec' for name in differing))
+        elif ours != theirs:
+            return f'{field.name} {theirs!r:.80} in the checkpoint, {ours!r:.80} in the spec'
+    return 'their structures differ'
+
 
 
 def form_keys(structure) -> dict[str, tuple[str, ...]]:
@@ -98,8 +128,19 @@ def fold(spec: GroupSpec, variables, dtype=np.float32) -> dict:
     every BatchNorm folded into its neighbours (`qhnet_family`, `baseline_family`).
 
     `spec` = `group_spec(model)`; `variables` = {'params', 'batch_stats'} as `model.init` or
-    training returns them. Variables that are not exactly the model's are refused.
+    training returns them, or what `qhnet.training.restore_variables` returns, whose stored
+    config must describe the spec's model. Variables that are not exactly the model's are
+    refused; so is a checkpoint of another model whose variables have the same shapes (e.g.
+    another activation).
     """
+    if _is_restored(variables):
+        difference = _structure_difference(spec, trace(variables.config.model))
+        if difference:
+            raise ValueError(
+                f'the checkpoint (step {variables.step}) holds a model other than the spec\'s '
+                f'({difference}); build the spec from the checkpoint: '
+                'group_spec(restored), restored = restore_variables(workdir)')
+        variables = variables.variables
     return family(spec.structure).fold(spec, variables, dtype)
 
 

@@ -64,8 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qhnet import activations
-from qhnet.derivative import depthwise_conv, per_channel_kernel
+from qhnet.models import activations
+from qhnet.models.derivative import depthwise_conv, per_channel_kernel
 from qhnet.symmetry import groups
 from qhnet.symmetry.folding import (HIGHEST, batch_norm, check_variables, compute_dtype, dense,
                                     identity_bn, read)

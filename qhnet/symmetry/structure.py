@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qhnet import baselines, models
-from qhnet.blocks import QuasiLinearBlock
+from qhnet import models
+from qhnet.models import baselines
+from qhnet.models.blocks import QuasiLinearBlock
 
 
 # QHNet.

@@ -45,9 +45,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qhnet import config
+
 DERIVATIVE_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
-IMPLEMENTATIONS = ('grouped', 'folded', 'stencil')
+IMPLEMENTATIONS = config.DERIVATIVE_IMPLS
 DEFAULT_IMPL = 'stencil'
 
 _PADDING = ((1, 1), (1, 1))

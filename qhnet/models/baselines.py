@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qhnet import derivative
+from qhnet.models import derivative
 
 ModuleDef = Any
 

@@ -2,7 +2,7 @@
 
 Notation: the block input `u` has n channels, the output n' (n, or 2n in the first
 block of stages 2-4); m is the multiplier. C, A are 1x1 convs (no bias), K the
-learned derivative operator (`qhnet.derivative`), `*` the elementwise product,
+learned derivative operator (`qhnet.models.derivative`), `*` the elementwise product,
 BN_d the batchnorm on the derivative channels and BN_o the output batchnorm, whose
 scale starts at zero so that every block's update q(u) starts at zero. A block
 returns
@@ -29,10 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qhnet import activations
-from qhnet.derivative import DEFAULT_IMPL, Derivative
+from qhnet import config
+from qhnet.models import activations
+from qhnet.models.derivative import DEFAULT_IMPL, Derivative
 
-EQUATIONS = (3, 4, 5, 6, 7)
+EQUATIONS = config.EQUATIONS
 
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -69,7 +70,7 @@ class QuasiLinearBlock(nn.Module):
     mixing: bool = False
     activation: str = 'identity'
     dtype: jnp.dtype = jnp.float32
-    derivative_impl: str = DEFAULT_IMPL  # how K is computed (qhnet.derivative); same params and results
+    derivative_impl: str = DEFAULT_IMPL  # how K is computed (qhnet.models.derivative); same params and results
     hidden: int | None = None    # Eq. (3): n, the channels j of the product; None: u's channels
     radius: float | None = None  # of a ball activation; None: sqrt(features)
 

@@ -1,30 +1,15 @@
-"""The model zoo: QHNet (the ResNet50-shaped network of quasi-linear blocks) and the
-baselines, all built from a config's `model` section by `build`.
-
-Every model is a linen Module on NHWC float images:
-
-    model = build(config.model)
-    variables = model.init(rng, images, train=False)        # {'params', 'batch_stats'}
-    logits = model.apply(variables, images, train=False)
-    logits, updates = model.apply(variables, images, train=True,
-                                  mutable=['batch_stats'], rngs={'dropout': key})
-"""
+"""QHNet: a stem, stages of quasi-linear blocks (`qhnet.models.blocks`), global average pooling
+and a linear head; the ResNet50 layout at expansion 1."""
 
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from qhnet import activations, baselines, config
-from qhnet.blocks import CONV_INIT, EQUATIONS, QuasiLinearBlock
-from qhnet.derivative import DEFAULT_IMPL, IMPLEMENTATIONS, window
-
-PLACEMENTS = ('ds', 'all')
-STEMS = ('imagenet', 'small', 'small_stride2')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from qhnet.models.blocks import CONV_INIT, QuasiLinearBlock
+from qhnet.models.derivative import DEFAULT_IMPL, window
 
 
 class Conv3x3Patches(nn.Module):
@@ -72,7 +57,7 @@ class QHNet(nn.Module):
     (depths ending in 1, as in the small-input variants), it carries the activation
     once, not twice. `remat=True` recomputes
     each block's activations in the backward pass (`nn.remat`: less memory, more compute);
-    `derivative_impl` picks K's XLA program (`qhnet.derivative.IMPLEMENTATIONS`). Neither
+    `derivative_impl` picks K's XLA program (`qhnet.models.derivative.IMPLEMENTATIONS`). Neither
     changes the parameters or the function.
 
     `stream_widths` (a sliced model, `qhnet.symmetry.slicing`; Eq. (3) with mixing maps):
@@ -136,85 +121,3 @@ class QHNet(nn.Module):
         pooled = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(pooled)
         return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
-
-
-MODEL_NAMES = ('qhnet', 'resnet50', 'mobilenet_v3_large')
-
-
-def _choice(field: str, value, valid) -> None:
-    if value not in valid:
-        raise ValueError(f'unknown model.{field} {value!r}; valid choices: {list(valid)}')
-
-
-def validate(model_config: ml_collections.ConfigDict) -> None:
-    """Checks every field of a `model` config section (the keys of `qhnet.config.model_config`),
-    naming the bad one and the fix."""
-    config.check_section(model_config, config.model_config(), 'config.model')
-    _choice('name', model_config.name, MODEL_NAMES)
-    _choice('dtype', model_config.dtype, DTYPES)
-    if not (isinstance(model_config.num_classes, int) and model_config.num_classes > 0):
-        raise ValueError(f'model.num_classes must be a positive integer, got {model_config.num_classes!r}')
-    _choice('stem', model_config.stem, STEMS)
-    widths, depths = tuple(model_config.widths), tuple(model_config.depths)
-    positive_ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                        for v in widths + depths)
-    if not widths or len(widths) != len(depths) or not positive_ints:
-        raise ValueError(f'model.widths {widths} and model.depths {depths} must be non-empty '
-                         'sequences of positive integers of the same length')
-    if model_config.name != 'qhnet':
-        return
-    _choice('equation', model_config.equation, EQUATIONS)
-    _choice('activation', model_config.activation, activations.ACTIVATIONS)
-    _choice('placement', model_config.placement, PLACEMENTS)
-    _choice('derivative_impl', model_config.derivative_impl, IMPLEMENTATIONS)
-    if not isinstance(model_config.remat, bool):
-        raise ValueError(f'model.remat must be True or False, got {model_config.remat!r}')
-    multiplier = model_config.multiplier
-    if not (isinstance(multiplier, int) and multiplier > 0):
-        raise ValueError(f'model.multiplier must be a positive integer, got {multiplier!r}')
-    if model_config.stream_widths is not None:
-        streams = tuple(model_config.stream_widths)
-        if len(streams) != len(widths) or not all(
-                isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n
-                for k, n in zip(streams, widths)):
-            raise ValueError(f'model.stream_widths {streams} must give each of the {len(widths)} '
-                             f'stages a width between 1 and its model.widths {widths}, or be None')
-        if model_config.equation != 3 or not model_config.mixing:
-            raise ValueError('model.stream_widths (a sliced model) needs model.equation=3 and '
-                             f'model.mixing=True; got equation {model_config.equation}, mixing '
-                             f'{model_config.mixing}')
-    if model_config.equation == 5:
-        for n, n_out in zip(widths, widths[1:]):
-            if n_out % n or multiplier % (n_out // n):
-                raise ValueError(
-                    f'Eq. (5) sums the {multiplier} products of each channel into n\'/n groups, so each '
-                    f'width ratio must divide the multiplier; widths {widths} have {n} -> {n_out}')
-
-
-def build(model_config: ml_collections.ConfigDict) -> nn.Module:
-    """The linen Module that `model_config` (a config's `model` section) describes."""
-    validate(model_config)
-    dtype = DTYPES[model_config.dtype]
-    if model_config.name == 'resnet50':
-        return baselines.ResNet50(num_classes=model_config.num_classes, dtype=dtype,
-                                  stem=model_config.stem, widths=tuple(model_config.widths),
-                                  depths=tuple(model_config.depths))
-    if model_config.name == 'mobilenet_v3_large':
-        return baselines.MobileNetV3Large(num_classes=model_config.num_classes, dtype=dtype,
-                                          stem=model_config.stem)
-    return QHNet(
-        equation=model_config.equation,
-        activation=model_config.activation,
-        placement=model_config.placement,
-        multiplier=model_config.multiplier,
-        weight_sharing=model_config.weight_sharing,
-        mixing=model_config.mixing,
-        stem=model_config.stem,
-        widths=tuple(model_config.widths),
-        depths=tuple(model_config.depths),
-        num_classes=model_config.num_classes,
-        dtype=dtype,
-        remat=model_config.remat,
-        derivative_impl=model_config.derivative_impl,
-        stream_widths=(None if model_config.stream_widths is None
-                       else tuple(model_config.stream_widths)))

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from qhnet import config as qhnet_config
-from qhnet import checkpoints, data, metrics, models, train
+from qhnet import data, models, training
+from qhnet.training import checkpoints, feeding, loop, metrics, recipe, steps, workdirs
+from tests import injection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 12
@@ -64,29 +66,29 @@ def finished_run(tmp_path_factory):
     """An uninterrupted 12-step run: (config, workdir, summary)."""
     config = tiny_config()
     workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
-    return config, workdir, train.train_and_evaluate(config, workdir)
+    return config, workdir, training.train_and_evaluate(config, workdir)
 
 
 def test_learning_rate_schedule_follows_the_recipe():
     config = qhnet_config.get_config()
     per_epoch = 126_689 // config.batch_size  # ImageNet-100 has 126,689 train images
-    total = train.total_train_steps(config, per_epoch)
-    warmup = train.warmup_steps(config, per_epoch)
-    schedule = train.learning_rate_schedule(config, per_epoch, total)
+    total = recipe.total_train_steps(config, per_epoch)
+    warmup = recipe.warmup_steps(config, per_epoch)
+    schedule = recipe.learning_rate_schedule(config, per_epoch, total)
     assert (total, warmup) == (50 * per_epoch, 5 * per_epoch)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(schedule(warmup), 0.3, rtol=1e-6)  # the paper's peak
     np.testing.assert_allclose(schedule((warmup + total) // 2), 0.15, rtol=1e-3)
     np.testing.assert_allclose(schedule(total), 0.0, atol=1e-9)
     config.batch_size = 384
-    assert train.peak_learning_rate(config) == pytest.approx(0.6)
+    assert recipe.peak_learning_rate(config) == pytest.approx(0.6)
 
 
 def test_weight_decay_skips_biases_and_batchnorm():
     config = tiny_config()
     shapes = jax.eval_shape(models.build(config.model).init, jax.random.key(0),
                             jnp.zeros((1, 8, 8, 1)))
-    mask = train.decay_mask(shapes['params'])
+    mask = recipe.decay_mask(shapes['params'])
     flat = {'/'.join(str(k.key) for k in path): decayed
             for path, decayed in jax.tree_util.tree_leaves_with_path(mask)}
     assert flat['head/kernel'] and flat['stem_conv/kernel']
@@ -101,12 +103,12 @@ def real_batch(batch_size: int, name: str = 'fashion_mnist'):
 
 def one_step_setup(config, mesh):
     model = models.build(config.model)
-    schedule = train.learning_rate_schedule(config, 100, 1000)
-    optimizer = train.make_optimizer(config, schedule)
-    state = train.create_train_state(model, optimizer, (28, 28, 1), jax.random.key(0))
-    step = train.jit_train_step(mesh, model=model, optimizer=optimizer, schedule=schedule,
+    schedule = recipe.learning_rate_schedule(config, 100, 1000)
+    optimizer = recipe.make_optimizer(config, schedule)
+    state = steps.create_train_state(model, optimizer, (28, 28, 1), jax.random.key(0))
+    step = steps.jit_train_step(mesh, model=model, optimizer=optimizer, schedule=schedule,
                                 label_smoothing=config.label_smoothing,
-                                inputs=train.model_inputs(data.get_info(config.data)))
+                                inputs=steps.model_inputs(data.get_info(config.data)))
     return state, step
 
 
@@ -114,7 +116,7 @@ def test_one_training_step_on_fashion_mnist():
     config = qhnet_config.get_config('fashion_mnist')
     config.model.widths, config.model.depths = (8, 16), (1, 1)
     config.optimizer.warmup_epochs, config.optimizer.base_lr = 0.0, 0.1
-    state, step = one_step_setup(config, train.make_mesh())
+    state, step = one_step_setup(config, feeding.make_mesh())
     before = jax.device_get(state)
     batch = real_batch(64)
     state, step_metrics = step(state, batch, jax.random.key(1))
@@ -138,12 +140,12 @@ def test_one_training_step_on_fashion_mnist():
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
     config = tiny_config(**{'model.dtype': 'bfloat16', 'optimizer.warmup_epochs': 0.0})
     model = models.build(config.model)
-    schedule = train.learning_rate_schedule(config, 46, TOTAL_STEPS)
-    optimizer = train.make_optimizer(config, schedule)
-    state = train.create_train_state(model, optimizer, (8, 8, 1), jax.random.key(0))
-    step = train.jit_train_step(train.make_mesh(), model=model, optimizer=optimizer,
+    schedule = recipe.learning_rate_schedule(config, 46, TOTAL_STEPS)
+    optimizer = recipe.make_optimizer(config, schedule)
+    state = steps.create_train_state(model, optimizer, (8, 8, 1), jax.random.key(0))
+    step = steps.jit_train_step(feeding.make_mesh(), model=model, optimizer=optimizer,
                                 schedule=schedule, label_smoothing=config.label_smoothing,
-                                inputs=train.model_inputs(data.get_info(config.data)))
+                                inputs=steps.model_inputs(data.get_info(config.data)))
     batch = real_batch(32, 'digits')
     for _ in range(3):
         state, step_metrics = step(state, batch, jax.random.key(1))
@@ -157,22 +159,23 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
 SHARDED_SCRIPT = r'''
 import jax, numpy as np
 from qhnet import config as qhnet_config
-from qhnet import data, models, train
+from qhnet import data, models
+from qhnet.training import feeding, recipe, steps
 assert jax.device_count() == 8, jax.devices()
 config = qhnet_config.get_config('fashion_mnist')
 config.model.widths, config.model.depths = (8, 16), (1, 1)
 config.optimizer.warmup_epochs, config.optimizer.base_lr = 0.0, 0.1
 model = models.build(config.model)
-schedule = train.learning_rate_schedule(config, 100, 1000)
-optimizer = train.make_optimizer(config, schedule)
+schedule = recipe.learning_rate_schedule(config, 100, 1000)
+optimizer = recipe.make_optimizer(config, schedule)
 batch = next(data.make_iterator(config.data, 'train', batch_size=64, seed=0, train=True))
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
-    mesh = train.make_mesh(devices)
-    step = train.jit_train_step(mesh, model=model, optimizer=optimizer, schedule=schedule,
+    mesh = feeding.make_mesh(devices)
+    step = steps.jit_train_step(mesh, model=model, optimizer=optimizer, schedule=schedule,
                                 label_smoothing=config.label_smoothing,
-                                inputs=train.model_inputs(data.get_info(config.data)))
-    state = train.create_train_state(model, optimizer, (28, 28, 1), jax.random.key(0))
+                                inputs=steps.model_inputs(data.get_info(config.data)))
+    state = steps.create_train_state(model, optimizer, (28, 28, 1), jax.random.key(0))
     for _ in range(2):
         state, step_metrics = step(state, batch, jax.random.key(1))
     results.append(jax.device_get((state, step_metrics)))
@@ -206,7 +209,7 @@ def test_run_writes_metrics_summary_and_curves(finished_run):
     assert summary['steps'] == TOTAL_STEPS and summary['rollbacks'] == 0
     assert 0.1 < summary['test_top1'] <= summary['test_top5'] <= 1.0
     assert summary['train_images_per_second'] > 0
-    with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    with open(os.path.join(workdir, training.SUMMARY_FILE)) as f:
         assert json.load(f)['test_top1'] == summary['test_top1']
     records = metrics.read_metrics(workdir)
     assert [row['step'] for row in records['train']] == [4, 8, 12]
@@ -221,10 +224,10 @@ def test_run_writes_metrics_summary_and_curves(finished_run):
 
 def test_restore_variables_and_evaluate(finished_run):
     config, workdir, summary = finished_run
-    _, restored_config, variables = train.restore_variables(workdir)
+    _, restored_config, variables = training.restore_variables(workdir)
     assert restored_config.model.to_dict() == config.model.to_dict()
     assert set(variables) == {'params', 'batch_stats'}
-    scores = train.evaluate(restored_config, variables)
+    scores = training.evaluate(restored_config, variables)
     assert scores['top1'] == pytest.approx(summary['test_top1'])
     assert scores['loss'] == pytest.approx(summary['test_loss'], rel=1e-5)
 
@@ -234,19 +237,21 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(finished_run, tmp_
     config, uninterrupted, _ = finished_run
     monkeypatch.chdir(tmp_path)
     workdir = 'workdir'  # relative, as in the README's command
-    with pytest.raises(train.SimulatedCrash):
-        train.train_and_evaluate(
-            tiny_config(**{'debug.crash_after_step': 7, 'log_every_steps': 2}), workdir)
+    injection.crash_after(monkeypatch, step=7)
+    with pytest.raises(injection.SimulatedCrash):
+        training.train_and_evaluate(tiny_config(log_every_steps=2), workdir)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     # The newest checkpoint is step 4: the resumed run repeats steps 5-7.
     store = checkpoints.CheckpointStore(workdir, read_only=True)
     assert store.steps()[0] == 4
     store.close()
     with caplog.at_level(logging.WARNING):
-        train.train_and_evaluate(tiny_config(), workdir)
+        training.train_and_evaluate(tiny_config(), workdir)
     # orbax's notices about the read-only look at the workdir before resuming are dropped.
     assert 'is read only' not in caplog.text and 'read_only=True' not in caplog.text
-    *_, expected = train.restore_variables(uninterrupted)
-    *_, resumed = train.restore_variables(workdir)
+    *_, expected = training.restore_variables(uninterrupted)
+    *_, resumed = training.restore_variables(workdir)
     assert_trees_equal(expected, resumed, rtol=1e-6, atol=1e-7)
     events = [json.loads(line) for line in open(os.path.join(workdir, metrics.METRICS_FILE))]
     assert [e['step'] for e in events if e.get('event') == 'resume'] == [4]
@@ -257,17 +262,18 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(finished_run, tmp_
     assert [row['step'] for row in metrics.read_metrics(workdir)['train']] == [2, 4, 8, 12]
 
 
-def test_restored_state_that_breaks_down_again_walks_back(tmp_path):
+def test_restored_state_that_breaks_down_again_walks_back(tmp_path, monkeypatch):
     """A NaN batch at step 6, twice: the rollback to step 4 breaks down again, so the second
     rollback goes back to step 0 rather than to step 4 once more."""
-    config = tiny_config(**{'debug.inject_nan_at_step': 6, 'debug.inject_nan_times': 2})
+    injection.nan_batches(monkeypatch, at_step=6, times=2)
+    config = tiny_config()
     workdir = str(tmp_path / 'workdir')
-    summary = train.train_and_evaluate(config, workdir)
+    summary = training.train_and_evaluate(config, workdir)
     assert summary['rollbacks'] == 2 and summary['steps'] == TOTAL_STEPS
     events = [json.loads(line) for line in open(os.path.join(workdir, metrics.METRICS_FILE))]
     assert [e['restored_step'] for e in events if e.get('event') == 'rollback'] == [4, 0]
     assert os.listdir(os.path.join(workdir, checkpoints.ABANDONED_DIR)) == ['4']
-    *_, variables = train.restore_variables(workdir)
+    *_, variables = training.restore_variables(workdir)
     assert all_finite(variables)
 
 
@@ -292,10 +298,10 @@ def test_flipped_bytes_in_a_checkpoint_are_detected(finished_run, tmp_path, capl
     shutil.copytree(finished, workdir)
     flip_bytes(os.path.join(workdir, checkpoints.CHECKPOINT_DIR, str(TOTAL_STEPS)))
     with caplog.at_level(logging.WARNING):
-        step, _, variables = train.restore_variables(workdir)
+        step, _, variables = training.restore_variables(workdir)
     assert step == 8
     assert f'checkpoint at step {TOTAL_STEPS} is corrupt (content digest mismatch' in caplog.text
-    *_, expected = train.restore_variables(finished)
+    *_, expected = training.restore_variables(finished)
     assert not np.allclose(np.asarray(jax.tree.leaves(variables)[0]),
                            np.asarray(jax.tree.leaves(expected)[0])) or step != TOTAL_STEPS
 
@@ -309,18 +315,19 @@ def test_resume_with_another_seed_or_schedule_is_refused(finished_run, path, val
     """The step count, the random stream and the schedule of a resumed run must be the run's."""
     _, workdir, _ = finished_run
     before = snapshot(workdir)
-    with pytest.raises(train.IncompatibleWorkdirError, match=re.escape(message)):
-        train.train_and_evaluate(tiny_config(**{path: value}), workdir)
+    with pytest.raises(training.IncompatibleWorkdirError, match=re.escape(message)):
+        training.train_and_evaluate(tiny_config(**{path: value}), workdir)
     assert snapshot(workdir) == before
 
 
-def test_non_finite_batch_rolls_back_and_finishes(tmp_path, caplog):
+def test_non_finite_batch_rolls_back_and_finishes(tmp_path, caplog, monkeypatch):
     workdir = str(tmp_path / 'workdir')
-    config = tiny_config(**{'debug.inject_nan_at_step': 6})
+    injection.nan_batches(monkeypatch, at_step=6)
+    config = tiny_config()
     with caplog.at_level(logging.WARNING):
-        summary = train.train_and_evaluate(config, workdir)
+        summary = training.train_and_evaluate(config, workdir)
     assert summary['rollbacks'] == 1 and summary['steps'] == TOTAL_STEPS
-    *_, variables = train.restore_variables(workdir)
+    *_, variables = training.restore_variables(workdir)
     assert all_finite(variables)
     events = [json.loads(line) for line in open(os.path.join(workdir, metrics.METRICS_FILE))]
     rollbacks = [e for e in events if e.get('event') == 'rollback']
@@ -330,25 +337,25 @@ def test_non_finite_batch_rolls_back_and_finishes(tmp_path, caplog):
     assert 'non-finite loss or gradient at step 6' in caplog.text
     # After the rollback the learning rate is halved.
     train_rows = {row['step']: row for row in metrics.read_metrics(workdir)['train']}
-    schedule = train.learning_rate_schedule(config, 1500 // 32, TOTAL_STEPS)
+    schedule = recipe.learning_rate_schedule(config, 1500 // 32, TOTAL_STEPS)
     assert train_rows[8]['learning_rate'] == pytest.approx(0.5 * float(schedule(7)), rel=1e-5)
 
 
-def test_breakdown_gives_up_after_max_retries(tmp_path):
+def test_breakdown_gives_up_after_max_retries(tmp_path, monkeypatch):
+    injection.nan_batches(monkeypatch, at_step=2, times=3)
     config = tiny_config(**{'num_train_steps': 3, 'optimizer.warmup_epochs': 0.0,
-                            'debug.inject_nan_at_step': 2,
-                            'debug.inject_nan_times': 3, 'breakdown.max_retries': 2})
-    with pytest.raises(train.TrainingDivergedError, match='2 rollbacks with the learning rate'):
-        train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+                            'breakdown.max_retries': 2})
+    with pytest.raises(training.TrainingDivergedError, match='2 rollbacks with the learning rate'):
+        training.train_and_evaluate(config, str(tmp_path / 'workdir'))
 
 
 def test_workdir_of_another_model_fails_and_is_left_untouched(finished_run):
     _, workdir, _ = finished_run
     before = snapshot(workdir)
     other = tiny_config(**{'model.widths': (8, 32)})
-    with pytest.raises(train.IncompatibleWorkdirError,
+    with pytest.raises(training.IncompatibleWorkdirError,
                        match=r'model.widths: checkpoint has \[8, 16\], config has \[8, 32\]'):
-        train.train_and_evaluate(other, workdir)
+        training.train_and_evaluate(other, workdir)
     assert snapshot(workdir) == before
 
 
@@ -356,7 +363,7 @@ def test_workdir_accepts_changes_that_keep_the_function(finished_run):
     """remat, the derivative implementation and the compute dtype change how, not what."""
     _, workdir, _ = finished_run
     before = snapshot(workdir)
-    train.check_workdir(workdir, tiny_config(**{'model.remat': True, 'model.dtype': 'bfloat16',
+    workdirs.check_workdir(workdir, tiny_config(**{'model.remat': True, 'model.dtype': 'bfloat16',
                                                 'model.derivative_impl': 'folded'}))
     assert snapshot(workdir) == before
 
@@ -371,13 +378,123 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, tmp_
             with open(os.path.join(root, name), 'r+b') as f:
                 f.truncate(os.path.getsize(f.name) // 2)
     with caplog.at_level(logging.WARNING):
-        *_, variables = train.restore_variables(workdir)  # reads only: step 8
+        *_, variables = training.restore_variables(workdir)  # reads only: step 8
     assert f'checkpoint at step {TOTAL_STEPS} is corrupt' in caplog.text
     assert all_finite(variables)
     # Training again resumes from step 8, sets the corrupt one aside and saves step 12 anew.
-    summary = train.train_and_evaluate(config, workdir)
+    summary = training.train_and_evaluate(config, workdir)
     assert summary['steps'] == TOTAL_STEPS
     assert os.path.isdir(os.path.join(workdir, checkpoints.CORRUPT_DIR, str(TOTAL_STEPS)))
-    *_, expected = train.restore_variables(finished)
-    *_, resumed = train.restore_variables(workdir)
+    *_, expected = training.restore_variables(finished)
+    *_, resumed = training.restore_variables(workdir)
     assert_trees_equal(expected, resumed, rtol=1e-6, atol=1e-7)
+
+
+def test_an_evaluation_lost_between_save_and_evaluate_is_run_on_resume(tmp_path, monkeypatch):
+    """Killed after the checkpoint at the end of epoch 1 was saved, before its evaluation: the
+    resumed run finds the checkpoint without its evaluation and evaluates it first, so that
+    metrics.jsonl holds every epoch's."""
+    config = tiny_config(**{'batch_size': 500, 'num_train_steps': 6, 'log_every_steps': 3,
+                            'optimizer.warmup_epochs': 0.0})  # 3 steps per epoch
+    workdir = str(tmp_path / 'workdir')
+    log_eval = loop.TrainingRun.log_eval
+
+    def killed_at_step_3(run, step, state):
+        if step == 3:
+            raise injection.SimulatedCrash('killed before evaluating step 3')
+        log_eval(run, step, state)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.TrainingRun, 'log_eval', killed_at_step_3)
+        with pytest.raises(injection.SimulatedCrash):
+            training.train_and_evaluate(config, workdir)
+    assert 'test' not in metrics.read_metrics(workdir)
+    clean = str(tmp_path / 'clean')
+    training.train_and_evaluate(config, clean)
+    training.train_and_evaluate(config, workdir)
+    evaluated = {split: [(row['step'], row['top1']) for row in rows]
+                 for split, rows in metrics.read_metrics(workdir).items() if split == 'test'}
+    assert evaluated['test'] == [(row['step'], row['top1'])
+                                 for row in metrics.read_metrics(clean)['test']]
+    assert [step for step, _ in evaluated['test']] == [3, 6]
+
+
+PROCESS_STATE_SCRIPT = r'''
+import errno, logging, os, sys, tempfile, threading, warnings
+import matplotlib
+matplotlib.use('svg')  # a backend that is not Agg, as a notebook's is not
+from absl import flags
+import orbax.checkpoint as ocp
+
+def state():
+    return dict(hooks=(sys.excepthook, threading.excepthook, sys.unraisablehook),
+                filters=list(warnings.filters), warnoptions=list(sys.warnoptions),
+                loggers={name: list(logging.getLogger(name).filters)
+                         for name in ('', 'absl', 'asyncio')},
+                backend=matplotlib.get_backend(), flags_parsed=flags.FLAGS.is_parsed())
+
+backend = matplotlib.get_backend()
+from qhnet import config as qhnet_config, data, training
+from qhnet.training import loop, metrics
+assert matplotlib.get_backend() == backend, 'importing qhnet changed the matplotlib backend'
+import sklearn.datasets  # what qhnet imports on first use adds its own warnings filters
+from tests.conftest import grayscale_imagefolder
+import pathlib
+before = state()
+
+def run(fault, step):
+    save = ocp.CheckpointManager.save
+    def failing(manager, at, *args, **kwargs):
+        if at == step:
+            raise fault
+        return save(manager, at, *args, **kwargs)
+    ocp.CheckpointManager.save = failing
+    config = qhnet_config.row_config('eq3_softball', 'digits')
+    config.num_epochs, config.progress_bar = 2, False
+    try:
+        training.train_and_evaluate(config, tempfile.mkdtemp())
+    finally:
+        ocp.CheckpointManager.save = save
+
+try:
+    run(OSError(errno.ENOSPC, 'No space left on device'), 23)
+except training.CheckpointWriteError as error:
+    print('caught', type(error).__name__)
+try:
+    run(KeyboardInterrupt(), 23)
+except KeyboardInterrupt:
+    print('caught KeyboardInterrupt')
+config = qhnet_config.row_config('eq3_softball', 'digits')  # a finished run draws its curves
+config.num_epochs, config.progress_bar = 2, False
+training.train_and_evaluate(config, tempfile.mkdtemp())
+root, _ = grayscale_imagefolder(pathlib.Path(tempfile.mkdtemp()))
+folder = qhnet_config.data_config()
+folder.update(name='imagefolder', data_dir=str(root), image_size=16, num_workers=1)
+batches = data.make_iterator(folder, 'train', batch_size=4, seed=0, train=True)
+next(batches)
+batches.close()
+after = state()
+for key in before:
+    assert after[key] == before[key], (key, before[key], after[key])
+print('process state unchanged')
+sys.stdout.flush()
+thread = threading.Thread(target=lambda: 1 / 0)
+thread.start()
+thread.join()
+warnings.warn('an unrelated warning')
+'''
+
+
+def test_a_failed_or_interrupted_save_leaves_the_process_as_it_was():
+    """In one process, as a notebook would: a save that fails (a full disk), one interrupted
+    by Ctrl-C, a finished run and a stream decoded by a worker process. The process's hooks,
+    warnings settings, logger filters, matplotlib backend and absl flags are as they were,
+    and an unrelated thread exception and warning still reach the user."""
+    result = subprocess.run([sys.executable, '-c', PROCESS_STATE_SCRIPT], cwd=ROOT, text=True,
+                            capture_output=True, timeout=600, check=False,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.splitlines() == ['caught CheckpointWriteError',
+                                          'caught KeyboardInterrupt', 'process state unchanged']
+    assert 'ZeroDivisionError: division by zero' in result.stderr
+    assert 'UserWarning: an unrelated warning' in result.stderr

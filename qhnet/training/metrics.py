@@ -16,10 +16,8 @@ import time
 from typing import Any, Mapping
 
 from absl import logging
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 import tensorboardX
 
 METRICS_FILE = 'metrics.jsonl'
@@ -60,6 +58,13 @@ class MetricWriter:
                       'time': time.time()})
         self._tensorboard.add_text(f'events/{kind}', message, step)
         self._tensorboard.flush()
+
+    def has_scalars(self, step: int, split: str) -> bool:
+        """Whether `metrics.jsonl` holds a record of `split` at `step` that stands (every
+        process reads the same file, so all of them answer alike)."""
+        if not os.path.exists(os.path.join(self._workdir, METRICS_FILE)):
+            return False
+        return any(record['step'] == step for record in read_metrics(self._workdir).get(split, []))
 
     def supersede_after(self, step: int) -> None:
         """Marks the scalar records after `step` as superseded: the run restarts from `step`
@@ -134,7 +139,9 @@ def read_metrics(workdir: str) -> dict[str, list[dict[str, Any]]]:
 def plot_curves(workdir: str, steps_per_epoch: int) -> str:
     """Draws train/test loss and top-1 accuracy against epochs into `curves.png`."""
     records = read_metrics(workdir)
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))  # not pyplot's: the process's backend stays as it was
+    FigureCanvasAgg(figure)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
     for split, accuracy_key in (('train', 'accuracy'), ('test', 'top1')):
         rows = records.get(split, [])
         epochs = [row['step'] / steps_per_epoch for row in rows]
@@ -150,5 +157,4 @@ def plot_curves(workdir: str, steps_per_epoch: int) -> str:
     figure.tight_layout()
     path = os.path.join(workdir, CURVES_FILE)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
