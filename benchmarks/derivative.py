@@ -2,6 +2,7 @@
 
     python -m benchmarks.derivative                      # CPU defaults: batch 8
     python -m benchmarks.derivative --batch 256 --dtype bfloat16 --reps 20   # on a GPU
+    python -m benchmarks.derivative --render benchmarks/results/cpu_2core/derivative.json
 
 For every distinct K layer of the 224x224 network (resolution, width, stride; the
 resolutions scaled to another `--image-size`) and every kernel layout (weight-shared
@@ -16,7 +17,9 @@ bank, per-channel kernels, Eq. (7)'s (j, k) channels), times each implementation
 
 Layer times are summed with each layer's multiplicity in the network (16 blocks) to
 give a per-network total. Candidates are timed interleaved in one process; medians
-of `--reps` repetitions. Writes a markdown table (stdout and `--out`.md) and JSON.
+of `--reps` repetitions. Writes a markdown table (stdout and `--out`.md) and JSON
+(`--out`.json); `--out` defaults to benchmarks/results/<device>/derivative
+(`timing.device_slug()`: cpu_2core, gpu_h200, ...), overwritten by a rerun.
 """
 
 import argparse
@@ -51,6 +54,7 @@ LAYOUTS = {
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MODULE = 'benchmarks.derivative'
 
 
 def make_case(batch, size, channels, stride, multiplier, shared, expand, dtype, seed=0):
@@ -127,7 +131,9 @@ def markdown(report: dict, note: str) -> str:
     lines = [
         '# Derivative operator K: implementations compared',
         '',
-        f'Device: **{report["device"]}**. Batch {report["batch"]}, {report["dtype"]}, '
+        timing.provenance_line(report),
+        '',
+        f'Batch {report["batch"]}, {report["dtype"]}, '
         f'median of {report["reps"]} interleaved repetitions, milliseconds per call '
         f'({"process CPU time, all threads" if report["clock"] == "cpu" else "wall clock"}; '
         f'the JSON has both clocks). {note}',
@@ -186,7 +192,9 @@ def main(argv=None) -> None:
     parser.add_argument('--layouts', type=lambda s: s.split(','), default=None,
                         help='indices into the layout list (0: ws, 1: no ws, 2: Eq. 7)')
     parser.add_argument('--note', default='', help='free text for the table header (e.g. "shared machine")')
-    parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
+    parser.add_argument('--out', default=None,
+                        help='path stem for .md and .json outputs (default: '
+                             'benchmarks/results/<device>/derivative)')
     parser.add_argument('--render', default=None, help='only re-render the markdown of this JSON')
     args = parser.parse_args(argv)
     if args.render:
@@ -199,12 +207,12 @@ def main(argv=None) -> None:
         names = list(LAYOUTS)
         LAYOUTS = {names[int(i)]: LAYOUTS[names[int(i)]] for i in args.layouts}
     args.clock = args.clock or ('cpu' if jax.default_backend() == 'cpu' else 'wall')
-    report = run(args)
+    args.out = args.out or timing.results_stem('derivative')
+    report = {**timing.provenance_fields(MODULE, argv), **run(args)}
     report['note'] = args.note
     text = markdown(report, args.note)
     print(text)
-    if args.out:
-        timing.write_report(args.out, text, report)
+    timing.write_report(args.out, text, report)
 
 
 if __name__ == '__main__':

@@ -6,10 +6,13 @@
 #   - K's implementations (grouped, folded, stencil), forward and forward + backward, for
 #     the weight-shared and the per-channel layouts of Eq. (3);
 #   - the host's input pipeline with 16 grain worker processes, beside the training steps.
-# Writes models, derivative and pipeline_host .md/.json (each naming its device) to $OUT
-# (default benchmarks/gpu_quick), then prints the fastest K in forward + backward.
+# Writes models, derivative and pipeline .md/.json (each opening with its command, device and
+# date) to $OUT, by default benchmarks/results/<device> (e.g. benchmarks/results/gpu_h200,
+# the layout of every benchmark's results; a dry run's default is a new temporary folder),
+# then prints the fastest K in forward + backward.
 #
-#     OUT=benchmarks/gpu_quick bash benchmarks/gpu_quick.sh
+#     bash benchmarks/gpu_quick.sh             # -> benchmarks/results/<device>/{models,derivative,pipeline}.*
+#     OUT=/tmp/quick bash benchmarks/gpu_quick.sh
 #     bash benchmarks/gpu_quick.sh --dry-run   # or QHNET_DRY_RUN=1: the same steps, tiny, on CPU
 set -euo pipefail
 
@@ -22,17 +25,22 @@ for arg in "$@"; do
 done
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-out=${OUT:-$repo/benchmarks/gpu_quick}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)  # absolute: the benchmarks run from the repository root
 python=${PYTHON:-python}
 cd "$repo"
+if [[ $dry_run == 1 ]]; then
+    export JAX_PLATFORMS=cpu
+    # Tiny tables must not overwrite the committed ones in benchmarks/results.
+    out=${OUT:-$(mktemp -d)}
+else
+    out=${OUT:-benchmarks/results/$("$python" -c 'from benchmarks import timing; print(timing.device_slug())')}
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the benchmarks run from the repository root
 
 # The old loader (a git worktree at an old commit) is left out: its comparison is a
 # per-core CPU figure, and it needs that commit's history in this checkout.
 pipeline=(--no-baseline --rounds 1 --models-json "$out/models.json")
 if [[ $dry_run == 1 ]]; then
-    export JAX_PLATFORMS=cpu
     data_root=$(mktemp -d)
     trap 'rm -rf "$data_root"' EXIT
     sizes=(--image-size 32 --batch 2 --reps 1)
@@ -57,7 +65,7 @@ run "$python" -m benchmarks.models --models 'resnet50;eq3_softball' --dtype bflo
 # Layouts 0 and 1: Eq. (3)'s; Eq. (7)'s (j, k) channels are left out for time.
 run "$python" -m benchmarks.derivative --dtype bfloat16 --modes fwd,train --layouts 0,1 "${sizes[@]}" \
     --out "$out/derivative" || failed+=(derivative)
-run "$python" -m benchmarks.pipeline "${pipeline[@]}" --out "$out/pipeline_host" || failed+=(pipeline)
+run "$python" -m benchmarks.pipeline "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
 
 [[ -f $out/derivative.json ]] && "$python" - "$out/derivative.json" <<'EOF'
 import json, statistics, sys

@@ -2,8 +2,7 @@
 
     python -m benchmarks.models                           # CPU defaults: batch 8, all rows
     python -m benchmarks.models --models 'eq3_softball;eq7_nows_x6' --variants
-    python -m benchmarks.models --batch 256 --dtype bfloat16 --reps 20 --variants \\
-        --out benchmarks/models_gpu                       # on a GPU
+    python -m benchmarks.models --batch 256 --dtype bfloat16 --reps 20 --variants  # on a GPU
 
 For every model, at `--image-size` (224) and 100 classes, in one process:
 
@@ -30,7 +29,9 @@ when other jobs share the machine; `--clock` to change); on an accelerator, wall
 the other compute dtype, and every other derivative implementation (`--impls`), so that
 each switch's effect on speed and memory sits in the same table.
 
-Writes a markdown table (stdout and `--out`.md) and the raw numbers (`--out`.json).
+Writes a markdown table (stdout and `--out`.md) and the raw numbers (`--out`.json); `--out`
+defaults to benchmarks/results/<device>/models (`timing.device_slug()`: cpu_2core,
+gpu_h200, ...), overwritten by a rerun.
 """
 
 import argparse
@@ -50,6 +51,7 @@ from qhnet import models
 from qhnet.models.derivative import DEFAULT_IMPL, IMPLEMENTATIONS
 from qhnet.training import recipe, steps
 
+MODULE = 'benchmarks.models'
 BASELINE = 'ResNet50'
 MAIN = 'Eq. (3) softball@ds'
 # Table 1 row title -> its key in qhnet.config.ROWS.
@@ -261,7 +263,9 @@ def markdown(report: dict) -> str:
     lines = [
         '# Models side by side: ResNet50 = 1.00x',
         '',
-        f'Device: **{report["device"]}**. {report["image_size"]}x{report["image_size"]} images, '
+        timing.provenance_line(report),
+        '',
+        f'{report["image_size"]}x{report["image_size"]} images, '
         f'{report["num_classes"]} classes, batch {batch}, compute dtype {report["dtype"]} unless the '
         f'label says otherwise, derivative implementation `{report["default_impl"]}` unless it says '
         f'[K: ...]. Medians of {report["reps"]} interleaved repetitions. {report["note"]}',
@@ -322,8 +326,11 @@ def main(argv=None) -> None:
                              'looked up from the device kind: H100 SXM/H200 989, H100 PCIe 756, '
                              'A100 312; other devices get no MFU)')
     parser.add_argument('--note', default='')
-    parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
+    parser.add_argument('--out', default=None,
+                        help='path stem for .md and .json outputs (default: '
+                             'benchmarks/results/<device>/models)')
     args = parser.parse_args(argv)
+    args.out = args.out or timing.results_stem('models')
     args.clock = args.clock or ('cpu' if jax.default_backend() == 'cpu' else 'wall')
     if args.peak_tflops is None:
         device_kind = jax.devices()[0].device_kind
@@ -331,11 +338,10 @@ def main(argv=None) -> None:
         args.peak_tflops_source = f'looked up from the device kind {device_kind!r}'
     else:
         args.peak_tflops_source = '--peak-tflops'
-    report = measure(args)
+    report = {**timing.provenance_fields(MODULE, argv), **measure(args)}
     text = markdown(report)
     print(text)
-    if args.out:
-        timing.write_report(args.out, text, report)
+    timing.write_report(args.out, text, report)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,13 @@
 """Input pipeline, old against new: ImageFolder JPEGs to 224x224 training batches.
 
-    python -m benchmarks.pipeline --out benchmarks/pipeline_cpu  # synthetic ImageFolder in /tmp
-    python -m benchmarks.pipeline --data-dir /data/imagenet100   # a real one: train/<wnid>/*.JPEG
+    python -m benchmarks.pipeline --baseline REV   # REV: a revision with the old loader
+    python -m benchmarks.pipeline --no-baseline --data-dir /data/imagenet100  # train/<wnid>/*.JPEG
 
 On the train split with augmentation on, each measurement running for `--seconds` (and
 at least `--batches` batches) after a warm-up:
 
-1. the old loader (a thread pool over PIL, float32 output; `--baseline`, default 4f1caf5),
+1. the old loader (a thread pool over PIL, float32 output) of `--baseline`, a git revision
+   from before the grain loader (required unless `--no-baseline` leaves this part out),
    checked out with `git worktree` and run in a subprocess that imports that tree's `qhnet`:
    decode + random-resized crop + flip at each `--threads` count, alternating `--rounds`
    times with (2a), so that a change in machine load hits both; medians are reported;
@@ -23,13 +24,18 @@ processes, of the workers too (`getrusage(RUSAGE_CHILDREN)` over the iterator's 
 start-up included). It is what one fully used core sustains, whatever else runs on the
 machine; wall-clock images/s is what a run gets here. From the per-core rates: the cores
 a 3,000 images/s accelerator step needs, and beside each training step of a
-`benchmarks.models` JSON (`--models-json`) the cores it takes to keep that step fed.
+`benchmarks.models` JSON (`--models-json`, default benchmarks/results/<device>/models.json)
+the cores it takes to keep that step fed.
 
 Without `--data-dir`, a synthetic ImageFolder is generated into `--root`: real-sized
 JPEGs (500x375, quality 90, ~100 KB, about an average ImageNet photo's 110 KB) made from
 upsampled Fashion-MNIST images (/usr/share/datasets/fashion-mnist) in colour, with
 film-grain texture so that they compress like photos, or from smooth random noise
 when Fashion-MNIST is not installed. A default run takes a few minutes on 2 cores.
+
+Writes a markdown report (stdout and `--out`.md) and JSON (`--out`.json); `--out` defaults
+to benchmarks/results/<device>/pipeline (`timing.device_slug()`: cpu_2core, gpu_h200, ...),
+overwritten by a rerun. The report names the old loader's revision as `--baseline` gave it.
 """
 
 import argparse
@@ -55,7 +61,7 @@ from benchmarks import timing
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINE = '4f1caf5'
+MODULE = 'benchmarks.pipeline'
 ACCELERATOR_IMAGES_PER_SECOND = 3000
 PREFETCH_BATCHES = 2  # how far ahead both loaders decode (per worker for grain's workers)
 DECODER_SAMPLE = 256  # JPEGs held in memory for the decoder comparison
@@ -484,11 +490,13 @@ def markdown(report: dict) -> str:
     lines = [
         '# Input pipeline: old thread-pool loader against the grain loader',
         '',
-        f'Device: **{report["device"]}**. Data: {report["source"]} (mean JPEG '
+        timing.provenance_line(report),
+        '',
+        f'Data: {report["source"]} (mean JPEG '
         f'{report["mean_jpeg_bytes"] / 1e3:.0f} KB), train split, augmentation on, '
         f'{size}x{size}, batch {report["batch"]}, {report["seconds"]:g} s (and at least '
         f'{report["min_batches"]} batches) per measurement after a warm-up. New loader: '
-        f'`qhnet.data` of {report["new_tree"]}; old loader: {old_loader}. Load average at the end: '
+        f'`qhnet.data` of this working tree; old loader: {old_loader}. Load average at the end: '
         f'{report["load_average_at_end"]}. {report["note"]}'.rstrip(),
         '',
         'images/s per core = images / CPU seconds of every thread (and worker process) doing '
@@ -664,20 +672,29 @@ def main(argv=None) -> None:
                         help="the old loader's decode threads, e.g. 1,2")
     parser.add_argument('--workers', type=positive_integers, default=[1, 2],
                         help="the new loader's worker processes, e.g. 1,2")
-    parser.add_argument('--baseline', default=BASELINE, help='git revision of the old loader')
+    parser.add_argument('--baseline', default=None,
+                        help='git revision of the old loader, from before the grain loader '
+                             '(required unless --no-baseline); the report names it as given')
     parser.add_argument('--rounds', type=int, default=3,
                         help='old/new crop + flip measurements, alternating')
     parser.add_argument('--no-baseline', action='store_true',
                         help='skip the old loader (its git worktree and subprocess)')
-    parser.add_argument('--models-json', default='benchmarks/models_cpu.json')
+    parser.add_argument('--models-json', default=None,
+                        help='a benchmarks.models JSON to set the loader beside (default: '
+                             'benchmarks/results/<device>/models.json)')
     parser.add_argument('--note', default='')
-    parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
+    parser.add_argument('--out', default=None,
+                        help='path stem for .md and .json outputs (default: '
+                             'benchmarks/results/<device>/pipeline)')
     parser.add_argument('--render', default=None, help='only re-render the markdown of this JSON')
     args = parser.parse_args(argv)
     if args.render:
         with open(args.render) as f:
             print(markdown(json.load(f)), end="")
         return
+    if args.baseline is None and not args.no_baseline:
+        parser.error('--baseline REV (the git revision of the old loader) is required unless '
+                     '--no-baseline')
     if args.data_dir:
         data_dir, class_list, source = args.data_dir, args.class_list, args.data_dir
     else:
@@ -714,19 +731,22 @@ def main(argv=None) -> None:
     progress('decoders ...')
     decoder_rows = compare_decoders(jpegs, args.image_size, args.seconds)
 
-    report = dict(device=timing.device_name(), new_tree=new_tree_state(), baseline=args.baseline,
+    # JAX's device is looked up only now, after the loaders were timed.
+    models_json = args.models_json or timing.results_stem('models') + '.json'
+    report = dict(**timing.provenance_fields(MODULE, argv), new_tree=new_tree_state(),
+                  baseline=None if args.no_baseline else args.baseline,
                   rand_augment=rand_augment_name(), image_size=args.image_size,
                   batch=args.batch, seconds=args.seconds, min_batches=args.batches,
                   rounds=args.rounds, source=source,
                   mean_jpeg_bytes=float(np.mean([len(jpeg) for jpeg in jpegs])),
                   decoder_images=len(jpegs), note=args.note, old=old, in_process=in_process,
-                  workers=workers, decoders=decoder_rows, models_json=args.models_json,
-                  train=train_rates(args.models_json), load_average_at_end=timing.load_average())
+                  workers=workers, decoders=decoder_rows,
+                  models_json=timing.display_path(models_json), train=train_rates(models_json),
+                  load_average_at_end=timing.load_average())
     report['summary'] = summary(report)
     text = markdown(report)
     print(text, end="")
-    if args.out:
-        timing.write_report(args.out, text, report)
+    timing.write_report(args.out or timing.results_stem('pipeline'), text, report)
 
 
 if __name__ == '__main__':

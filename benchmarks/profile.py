@@ -14,7 +14,10 @@ of its first op with metadata, so a fused BN + product lands on one of the two; 
 compiler made without metadata (e.g. most backward convolutions on XLA:CPU) are
 counted by kind, direction unknown.
 
-Op durations are summed over all threads (CPU time spent in XLA ops).
+Op durations are summed over all threads (CPU time spent in XLA ops). Writes a markdown
+report (stdout and `--out`.md) and JSON (`--out`.json); `--out` defaults to
+benchmarks/results/<device>/profile (`timing.device_slug()`: cpu_2core, gpu_h200, ...),
+overwritten by a rerun.
 """
 
 import argparse
@@ -35,6 +38,7 @@ from qhnet import config as qhnet_config
 DENSE = re.compile(r'^(Conv_\d+|coef|combine|shortcut|stem_conv|conv.*|Dense_\d+)$')
 NORM = re.compile(r'(BatchNorm|_bn$|^bn)')
 BLOCK = re.compile(r'^stage\d+_block\d+$')
+MODULE = 'benchmarks.profile'
 
 
 def categorise(op_name: str, kind: str = '') -> tuple[str, str]:
@@ -137,7 +141,8 @@ def profile(entry, args, config) -> dict:
 
 def markdown(report: dict) -> str:
     lines = ['# Training-step profile: where the time goes', '',
-             f'Device: **{report["device"]}**. Batch {report["batch"]}, {report["image_size"]}x'
+             timing.provenance_line(report), '',
+             f'Batch {report["batch"]}, {report["image_size"]}x'
              f'{report["image_size"]}, {report["dtype"]}, {report["steps"]} traced steps; milliseconds of '
              f'XLA op time per step, summed over threads. {report["note"]}', '']
     for result in report['models']:
@@ -173,8 +178,11 @@ def main(argv=None) -> None:
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--top', type=int, default=12)
     parser.add_argument('--note', default='')
-    parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
+    parser.add_argument('--out', default=None,
+                        help='path stem for .md and .json outputs (default: '
+                             'benchmarks/results/<device>/profile)')
     args = parser.parse_args(argv)
+    args.out = args.out or timing.results_stem('profile')
     config = qhnet_config.get_config()
     results = []
     for row in model_bench.select_rows(args.models):
@@ -183,12 +191,11 @@ def main(argv=None) -> None:
         entry = model_bench.Entry(row, row, args.dtype, impl=impl)
         print(f'profiling {row} ...', file=sys.stderr, flush=True)
         results.append(profile(entry, args, config))
-    report = dict(device=timing.device_name(), batch=args.batch, image_size=args.image_size,
+    report = dict(**timing.provenance_fields(MODULE, argv), batch=args.batch, image_size=args.image_size,
                   dtype=args.dtype, steps=args.steps, note=args.note, models=results)
     text = markdown(report)
     print(text)
-    if args.out:
-        timing.write_report(args.out, text, report)
+    timing.write_report(args.out, text, report)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# Every benchmark at the paper's scale on one GPU (bfloat16, batch 256); the tables land
-# next to the CPU ones with the device named in each. About 30-40 minutes on one H100,
-# most of it compiling. Run from the repository root:  bash benchmarks/run_gpu.sh
+# Every benchmark at the paper's scale on one GPU (bfloat16, batch 256); the tables land in
+# $OUT, by default benchmarks/results/<device> (e.g. benchmarks/results/gpu_h200) beside the
+# CPU ones, as derivative, models, profile and pipeline .md/.json, each opening with its
+# command, device and date. About 30-40 minutes on one H100, most of it compiling. Run from
+# the repository root:
+#
+#     bash benchmarks/run_gpu.sh
+#     OUT=/tmp/gpu BASELINE=REV bash benchmarks/run_gpu.sh   # REV: a revision with the old loader
+#
+# Without BASELINE the pipeline benchmark leaves out the old loader (`--no-baseline`).
 set -euo pipefail
-python -m benchmarks.derivative --batch 256 --dtype bfloat16 --reps 20 --out benchmarks/derivative_gpu
-python -m benchmarks.models --batch 256 --dtype bfloat16 --reps 20 --variants --impls grouped,folded \
-    --out benchmarks/models_gpu
-python -m benchmarks.profile --batch 256 --dtype bfloat16 --steps 5 --out benchmarks/profile_gpu
+python=${PYTHON:-python}
+out=${OUT:-benchmarks/results/$("$python" -c 'from benchmarks import timing; print(timing.device_slug())')}
+mkdir -p "$out"
+"$python" -m benchmarks.derivative --batch 256 --dtype bfloat16 --reps 20 --out "$out/derivative"
+"$python" -m benchmarks.models --batch 256 --dtype bfloat16 --reps 20 --variants --impls grouped,folded \
+    --out "$out/models"
+"$python" -m benchmarks.profile --batch 256 --dtype bfloat16 --steps 5 --out "$out/profile"
 # The host's JPEG decoding, beside the GPU's training step (the rate per core is what matters).
-python -m benchmarks.pipeline --workers 1,4,8,16 --models-json benchmarks/models_gpu.json \
-    --out benchmarks/pipeline_gpu_host
+if [[ -n ${BASELINE:-} ]]; then baseline=(--baseline "$BASELINE"); else baseline=(--no-baseline); fi
+"$python" -m benchmarks.pipeline "${baseline[@]}" --workers 1,4,8,16 --models-json "$out/models.json" \
+    --out "$out/pipeline"

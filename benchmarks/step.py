@@ -1,7 +1,7 @@
 """The README's main config: its training step now against an earlier version's, in one run.
 
-    python -m benchmarks.step                       # against the default --baseline
-    python -m benchmarks.step --baseline HEAD~3 --seconds 20 --out benchmarks/step_cpu
+    python -m benchmarks.step --baseline REV        # REV: the git revision to compare with
+    python -m benchmarks.step --baseline HEAD~3 --seconds 20 --rounds 3
 
 Each version (this working tree, and `--baseline` checked out in a temporary git
 worktree) runs in its own subprocess with its own `qhnet`: it builds the config of
@@ -17,7 +17,10 @@ machine load hits all of them; the report gives the medians and their ratios in 
 wall clock and process CPU time, and the page faults per step. Where the config's model
 changed between the versions, a fourth probe runs the current code on the baseline's
 model (its `config.model` fields), so that the report separates what the code gives from
-what the network gives.
+what the network gives. The report names the baseline as `--baseline` gave it. Writes a
+markdown report (stdout and `--out`.md) and JSON (`--out`.json); `--out` defaults to
+benchmarks/results/<device>/step (`timing.device_slug()`: cpu_2core, gpu_h200, ...),
+overwritten by a rerun.
 """
 
 import argparse
@@ -31,7 +34,7 @@ import tempfile
 from benchmarks import timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_BASELINE = '4f1caf5'  # the last version before this benchmark's speed work
+MODULE = 'benchmarks.step'
 
 # Runs inside a version's checkout: prints one JSON line of step timings.
 PROBE = r'''
@@ -145,10 +148,12 @@ def markdown(report: dict) -> str:
     return '\n'.join([
         "# The README's main config: training step, current code against an earlier version",
         '',
-        f'Device: **{report["device"]}**. Config `configs/eq3_softball.py:fashion_mnist` as each '
+        timing.provenance_line(report),
+        '',
+        'Config `configs/eq3_softball.py:fashion_mnist` as each '
         f'version defines it; real Fashion-MNIST batches; {report["seconds"]:g} s of steps per '
         f'timing after a warm-up, {report["rounds"]} alternating rounds, medians. Current: '
-        f'{report["current_revision"]}; baseline: {report["baseline_revision"]} (git worktree). '
+        f'this working tree; baseline: {report["baseline_revision"]} (git worktree). '
         f'Load average at the end: {report["load_average"]}. {report["note"]}',
         '',
         'Page faults: minor faults of the process per step (fresh pages the kernel maps in and '
@@ -177,11 +182,15 @@ def code_only(report: dict) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--baseline', default=DEFAULT_BASELINE, help='git revision to compare with')
+    parser.add_argument('--baseline', required=True,
+                        help='the git revision to compare with (a commit, tag or branch); the '
+                             'report names it as given')
     parser.add_argument('--seconds', type=float, default=20.0, help='timed steps per round')
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--note', default='')
-    parser.add_argument('--out', default=None, help='path stem for .md and .json outputs')
+    parser.add_argument('--out', default=None,
+                        help='path stem for .md and .json outputs (default: '
+                             'benchmarks/results/<device>/step)')
     args = parser.parse_args(argv)
     worktree = baseline_worktree(args.baseline)
     checkouts = {'baseline': worktree, 'current': ROOT}
@@ -205,7 +214,8 @@ def main(argv=None) -> None:
                        check=False, capture_output=True)
     versions = {name: summarise(version_runs) for name, version_runs in runs.items()}
     baseline, current = versions['baseline'], versions['current']
-    report = dict(device=timing.device_name(), seconds=args.seconds, rounds=args.rounds,
+    report = dict(**timing.provenance_fields(MODULE, argv), seconds=args.seconds,
+                  rounds=args.rounds,
                   current_revision=timing.git_revision(), baseline_revision=args.baseline,
                   versions=versions, note=args.note, model_changes=changes,
                   ratio_wall=current['images_per_second'] / baseline['images_per_second'],
@@ -218,8 +228,8 @@ def main(argv=None) -> None:
             ratio_code_cpu=same['images_per_cpu_second'] / baseline['images_per_cpu_second'])
     text = markdown(report)
     print(text)
-    if args.out:
-        timing.write_report(args.out, text, report)
+    # JAX starts in this process only now: the versions ran in subprocesses.
+    timing.write_report(args.out or timing.results_stem('step'), text, report)
 
 
 if __name__ == '__main__':

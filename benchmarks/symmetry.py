@@ -1,6 +1,6 @@
 """Benchmark of the symmetry toolkit on the 224x224 Eq. (3) softball@ds model (8.6M parameters).
 
-    python -m benchmarks.symmetry                    # writes benchmarks/symmetry.{md,json}
+    python -m benchmarks.symmetry      # writes benchmarks/results/<device>/symmetry.{md,json}
     python -m benchmarks.symmetry --batch 8 --reps 5 --out /tmp/symmetry
 
 Times each step of the pipeline, fold -> sample -> act -> verify, in float32 and
@@ -14,7 +14,9 @@ forbidden one (GL with cond 10 on the O(n) streams) for contrast; and the same f
 model with activation='identity', whose stage streams admit GL. Last, in float64, every
 Table 1 block architecture x activation x placement in a small-input network on real
 scikit-learn digits: the largest change an admitted element makes, and the smallest that
-an element of a group the activation does not admit makes.
+an element of a group the activation does not admit makes. `--out` defaults to
+benchmarks/results/<device>/symmetry (`timing.device_slug()`: cpu_2core, gpu_h200, ...),
+overwritten by a rerun.
 """
 
 import argparse
@@ -28,6 +30,7 @@ from qhnet import config, models
 from qhnet import symmetry
 from qhnet.symmetry.testing import random_variables
 
+MODULE = 'benchmarks.symmetry'
 CONDITIONS = (1.0, 10.0, 100.0, 1000.0)
 ACTIVATIONS = ('relu', 'hardtanh', 'hardball', 'softball', 'identity')
 # A stage 1 without a carrier, a downsampling carrier alone, a last block that carries the
@@ -117,12 +120,16 @@ def digits_images() -> np.ndarray:
     return np.asarray(jax.image.resize(digits, (16, 16, 16, 1), 'bilinear'), np.float64)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--reps', type=int, default=3)
-    parser.add_argument('--out', default='benchmarks/symmetry')
-    args = parser.parse_args()
+    parser.add_argument('--out', default=None,
+                        help='path stem for .md and .json outputs (default: '
+                             'benchmarks/results/<device>/symmetry)')
+    args = parser.parse_args(argv)
+    args.out = args.out or timing.results_stem('symmetry')
+    provenance = timing.provenance_fields(MODULE, argv)
 
     model = models.build(config.row_config('eq3_softball').model)
     images = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
@@ -150,10 +157,10 @@ def main() -> None:
     lines = [
         '# Symmetry toolkit: fold, sample, act, verify on the 224x224 Eq. (3) softball@ds model',
         '',
-        f'Device: {timing.device_name()}; load average over 1, 5, 15 minutes at the end, this '
-        f'run included: {timing.load_average()}. Command: '
-        '`python -m benchmarks.symmetry '
-        f'--batch {args.batch} --reps {args.reps}`; revision {timing.git_revision()}.',
+        timing.provenance_line(provenance),
+        '',
+        f'Load average over 1, 5, 15 minutes at the end, this run included: '
+        f'{timing.load_average()}.',
         '',
         f'Model: {num_params:,} parameters, {len(spec.streams)} streams ({streams}), '
         f'{len(spec.hidden)} blocks with hidden permutations and scalings. Batch of {args.batch} '
@@ -207,7 +214,7 @@ def main() -> None:
     text = '\n'.join(lines) + '\n'
     print(text)
     timing.write_report(args.out, text, {
-        'device': timing.device_name(), 'load': timing.load_average(), 'batch': args.batch,
+        **provenance, 'load': timing.load_average(), 'batch': args.batch,
         'reps': args.reps, 'results': results, 'matrix': matrix})
 
 

@@ -1,19 +1,29 @@
-"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, device names.
+"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, device names,
+where results go and the provenance line that heads every report.
 
 Candidates are timed round-robin in one process (candidate A, B, C, A, B, C, ...), so
 that load from other processes on a shared machine hits all of them alike; we report
 the median of the repetitions and their spread.
 """
 
+import datetime
 import json
 import os
 import platform
+import re
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Sequence
 
 import jax
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO_ROOT, 'benchmarks', 'results')
+# Words of a device kind that name the vendor or the product line, not the chip.
+VENDOR_WORDS = {'nvidia', 'amd', 'intel', 'tesla', 'geforce', 'radeon', 'instinct'}
 
 
 def block(tree):
@@ -74,6 +84,67 @@ def device_name() -> str:
     except OSError:
         pass
     return f'{model}, {os.cpu_count()} cores ({device.platform}, jax {jax.__version__})'
+
+
+def device_slug() -> str:
+    """A short name of the device for results folders: 'cpu_<N>core' on a CPU (N from
+    os.cpu_count()); on an accelerator, the platform ('gpu' for CUDA and ROCm) and the chip's
+    short name from its device kind, lowercased, the vendor's words left out: 'NVIDIA H200'
+    -> 'gpu_h200', 'NVIDIA H100 80GB HBM3' -> 'gpu_h100', 'TPU v4' -> 'tpu_v4'. For the long
+    name, `device_name()`."""
+    device = jax.devices()[0]
+    if device.platform == 'cpu':
+        return f'cpu_{os.cpu_count()}core'
+    platform_name = 'gpu' if device.platform in ('gpu', 'cuda', 'rocm') else device.platform.lower()
+    words = [word for word in re.split(r'[^a-z0-9]+', device.device_kind.lower())
+             if word and word not in VENDOR_WORDS and word != platform_name]
+    # Up to the first word with a digit: 'RTX 4090' -> 'rtx4090', 'A100-SXM4-40GB' -> 'a100'.
+    short = next((i + 1 for i, word in enumerate(words) if any(c.isdigit() for c in word)),
+                 min(len(words), 1))
+    return f'{platform_name}_{"".join(words[:short])}' if words else platform_name
+
+
+def results_stem(benchmark: str) -> str:
+    """The default `--out` of a benchmark: benchmarks/results/<device_slug()>/<benchmark>."""
+    return os.path.join(RESULTS, device_slug(), benchmark)
+
+
+def display_path(path: str) -> str:
+    """`path` relative to the repository root when it lies inside it (for report text)."""
+    relative = os.path.relpath(os.path.abspath(path), REPO_ROOT)
+    return path if relative.startswith('..') else relative
+
+
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """'python -m <module> <args>', the args as given (sys.argv[1:] when argv is None)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return ' '.join(['python', '-m', module, *(shlex.quote(str(arg)) for arg in args)])
+
+
+def provenance_fields(module: str, argv: Sequence[str] | None = None) -> dict:
+    """{'command', 'device', 'date'} of this run, for a JSON report (`provenance_line` reads
+    them back)."""
+    return dict(command=command_line(module, argv), device=device_name(),
+                date=datetime.date.today().isoformat())
+
+
+def provenance_line(report: dict) -> str:
+    """'Command: `...`. Device: .... Date: YYYY-MM-DD.' from a report's fields; a field that an
+    older report lacks is left out."""
+    parts = []
+    if report.get('command'):
+        parts.append(f'Command: `{report["command"]}`.')
+    if report.get('device'):
+        parts.append(f'Device: {report["device"]}.')
+    if report.get('date'):
+        parts.append(f'Date: {report["date"]}.')
+    return ' '.join(parts)
+
+
+def provenance(module: str, argv: Sequence[str] | None = None) -> str:
+    """The line that follows the title of every report: 'Command: `python -m <module> <args>`.
+    Device: <device_name()>. Date: <YYYY-MM-DD>.' (sys.argv[1:] when argv is None)."""
+    return provenance_line(provenance_fields(module, argv))
 
 
 def load_average() -> str:

@@ -3,9 +3,8 @@
   python -m qhnet.main --config=configs/eq3_softball.py --workdir=DIR
   python -m qhnet.main --config=configs/eq3_softball.py:fashion_mnist --workdir=DIR  # offline, small model
 
-Paper: 83.66% top-1 on ImageNet-100 (224x224, 50 epochs). Fashion-MNIST variant: 92.50%
-test top-1 after 5 epochs (seeds 1, 2: 92.37%, 92.55%), 3.3 to 3.9 minutes on 2 CPU cores;
-up to about 9 minutes and a few tenths of a point apart on other machines (README).
+Paper: 83.66% top-1 on ImageNet-100 (224x224, 50 epochs). Fashion-MNIST variant (the README's
+main command): experiments/main_run/results.md (`python -m experiments.main_run`).
 """
 
 from qhnet import config

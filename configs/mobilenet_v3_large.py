@@ -4,8 +4,8 @@
   python -m qhnet.main --config=configs/mobilenet_v3_large.py:fashion_mnist --workdir=DIR  # offline, small model
 
 Paper: 82.91% top-1 on ImageNet-100 (224x224, 50 epochs). Fashion-MNIST variant: torchvision's
-block table behind a stride-1 stem conv (the variant's widths and depths are not read); its
-reduced-protocol result is in experiments/table1/fashion_mnist.md once that row has run.
+block table behind the variant's stem (its widths and depths are not read). Results:
+experiments/table1/fashion_mnist.md (`python -m experiments.table1`).
 """
 
 from qhnet import config

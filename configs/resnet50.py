@@ -4,9 +4,8 @@
   python -m qhnet.main --config=configs/resnet50.py:fashion_mnist --workdir=DIR  # offline, small model
 
 Paper: 84.52% top-1 on ImageNet-100 (224x224, 50 epochs). Fashion-MNIST variant: the
-small-input ResNet50 (3x3/2 stem, bottleneck widths 16, 32, 128, 256, one block per stage;
-1,849,466 parameters). Measured with the variant's earlier recipe (3x3/1 stem, 5 epochs,
-base LR 0.8): 93.45% test top-1 (seed 0); not yet run with the current one.
+small-input ResNet50 (the variant's 3x3/2 stem, bottleneck widths and depths). Results:
+experiments/table1/fashion_mnist.md (`python -m experiments.table1`).
 """
 
 from qhnet import config

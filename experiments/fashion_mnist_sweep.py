@@ -2,18 +2,22 @@
 
     python -m experiments.fashion_mnist_sweep --grid main --workers 12
     python -m experiments.fashion_mnist_sweep --grid deep --workers 12
+    # -> experiments/fashion_mnist_sweep/results.{md,json}, one section per grid
 
 Trains `configs/eq3_softball.py:fashion_mnist` with each override set of a grid (`GRIDS`) through
 `qhnet.training.train_and_evaluate` (the real loop, one process per run, `--workers` at a
 time) and tabulates the test top-1 after every epoch. Matmuls and convolutions run at
 full float32 precision (`jax_default_matmul_precision=highest`; no TF32), so a GPU
-computes what the CPU computes, up to rounding. The table is what
+computes what the CPU computes, up to rounding. An earlier run of this sweep (an earlier
+recipe and activation placement; its results are no longer kept) is what
 `configs/default.py`'s fashion_mnist variant was chosen from (w16-32-128-256, 4 epochs,
 base LR 0.8, weight decay 5e-5, label smoothing 0.1; the variant now runs 5 epochs at
 base LR 1.2, with a stride-2 stem and widths 32, 64, 128, 256); its accuracy and time on
-2 CPU cores are in the README. The committed
-results ran on one GPU, 12 runs at a time, each grid under a time limit: runs missing
-from the table did not finish.
+2 CPU cores are in the README.
+
+The results go to `--out`.md and .json (default experiments/fashion_mnist_sweep/results),
+rewritten after every run; other grids' results already there are kept. The markdown opens
+with the command, the device and the date, and the JSON holds them too.
 """
 
 import argparse
@@ -27,6 +31,9 @@ import tempfile
 
 from benchmarks import timing
 
+MODULE = 'experiments.fashion_mnist_sweep'
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fashion_mnist_sweep',
+                           'results')
 ARCHITECTURES = {
     'w16-64-256': dict(widths=(16, 64, 256), depths=(1, 1, 1)),
     'w8-64-256': dict(widths=(8, 64, 256), depths=(1, 1, 1)),
@@ -95,7 +102,8 @@ def train_one(run: dict, data_dir: str | None, root: str) -> dict:
 
 def markdown(report: dict) -> str:
     lines = ['# Fashion-MNIST recipes for Eq. (3) softball@ds', '',
-             f'Device: **{report["device"]}** (float32, full-precision matmuls). Batch 64, SGD with '
+             timing.provenance_line(report), '',
+             'Float32, full-precision matmuls. Batch 64, SGD with '
              'Nesterov momentum, 0.3 warmup epochs, cosine decay; test top-1 (%) after each epoch, '
              'one seed each. Architectures: widths of the stages, one block each unless `d` says '
              'otherwise (`d1121`: two blocks in stage 3).', '']
@@ -115,18 +123,18 @@ def markdown(report: dict) -> str:
     return '\n'.join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--grid', choices=sorted(GRIDS), default='main')
     parser.add_argument('--workers', type=int, default=1)
     parser.add_argument('--data-dir', default=None, help='Fashion-MNIST idx files (default: Debian path)')
-    parser.add_argument('--out', default='experiments/fashion_mnist_sweep',
-                        help='path stem of the .json and .md results; other grids\' results already '
-                             'there are kept')
+    parser.add_argument('--out', default=DEFAULT_OUT,
+                        help='path stem of the .json and .md results (default: '
+                             'experiments/fashion_mnist_sweep/results); other grids\' results '
+                             'already there are kept')
     parser.add_argument('--limit', type=int, default=None, help='only the first N runs of the grid')
-    args = parser.parse_args()
-    import jax  # pylint: disable=import-outside-toplevel
-    report = dict(device=jax.devices()[0].device_kind, results=[])
+    args = parser.parse_args(argv)
+    report = dict(**timing.provenance_fields(MODULE, argv), results=[])
     if os.path.exists(args.out + '.json'):
         with open(args.out + '.json', encoding='utf-8') as f:
             report['results'] = [r for r in json.load(f)['results'] if r['grid'] != args.grid]

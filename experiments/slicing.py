@@ -2,7 +2,7 @@
 
     python -m experiments.slicing --workdirs W0 W1 [--identity_workdirs I0 I1] \
         [--resnet_workdirs R0 R1] [--removed 0 0.02 0.05 0.1 0.2 0.3 0.4 0.5 0.6] \
-        [--finetune_removed 0.3 0.5] [--finetune_epochs 1]
+        [--finetune_removed 0.3 0.5] [--finetune_epochs 1]    # -> experiments/slicing/results.*
 
 For each trained workdir (`python -m qhnet.main --config=configs/eq3_softball.py:fashion_mnist`,
 one per seed; `--identity_workdirs`: the same with `--config.model.activation=identity`, GL
@@ -21,8 +21,9 @@ without fine-tuning. At `--finetune_removed` it fine-tunes 'rotate' and 'select'
 at `--finetune_lr_factor` (0.1) times its peak learning rate. `--resnet_workdirs`
 (`configs/resnet50.py:fashion_mnist`) is baseline (c): the ResNet50 of the same recipe, whose
 group has only permutations and scalings, pruned by (a) and (b) in every stream. Writes
-experiments/slicing.md, slicing.json and slicing.png (top-1 against the fraction of
-parameters removed) beside this file.
+experiments/slicing/results.md, results.json and results.png (top-1 against the fraction of
+parameters removed) beside this file (`--out`: another path stem); the markdown opens with
+the command, the device and the date, and the JSON holds them too.
 """
 
 import argparse
@@ -35,11 +36,9 @@ from qhnet import allocator
 allocator.reuse_freed_memory()  # before JAX starts: the fine-tuning runs train in this process
 
 import jax  # noqa: E402
-import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
 from qhnet import data, models, params, training  # noqa: E402
@@ -47,6 +46,7 @@ from qhnet.symmetry import baseline_family, slicing  # noqa: E402
 from qhnet.symmetry.__main__ import first_images  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = 'experiments.slicing'
 METHODS = ('rotate', 'select', 'magnitude')
 
 
@@ -163,7 +163,8 @@ def run_model(workdir: str, label: str, args) -> list[dict]:
 
 def markdown(report: dict) -> str:
     lines = ['# Slicing through the group against channel pruning', '',
-             f'Device: **{report["device"]}**. Fashion-MNIST main model (Eq. (3), '
+             timing.provenance_line(report), '',
+             'Fashion-MNIST main model (Eq. (3), '
              'widths 16, 32, 128, 256), its identity-activation twin and the small-input '
              'ResNet50 (bottleneck widths 16, 32, 128, 256), trained by '
              '`python -m qhnet.main`; calibration on the first '
@@ -223,8 +224,9 @@ def frontier(report: dict, max_loss: float = 0.01) -> list[tuple[str, str, float
 
 def plot(report: dict, path: str) -> None:
     models_seen = sorted({row['model'] for row in report['rows']})
-    figure, axes = plt.subplots(1, len(models_seen), figsize=(5.5 * len(models_seen), 4),
-                                squeeze=False)
+    figure = Figure(figsize=(5.5 * len(models_seen), 4))  # not pyplot's: no global backend
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(models_seen), squeeze=False)
     for axis, model in zip(axes[0], models_seen):
         for method, style in zip(METHODS, ('o-', 's--', '^:')):
             rows = [r for r in report['rows'] if r['model'] == model and r['method'] == method]
@@ -257,10 +259,12 @@ def main(argv=None) -> None:
                         help='fine-tuning: this times the recipe\'s peak learning rate')
     parser.add_argument('--calibration_images', type=int, default=512)
     parser.add_argument('--rows_from', nargs='*', default=[],
-                        help='earlier slicing.json files: their rows are kept, and their '
+                        help='earlier results.json files: their rows are kept, and their '
                              'workdirs not run again')
     parser.add_argument('--note', default='')
-    parser.add_argument('--out', default=os.path.join(HERE, 'slicing'))
+    parser.add_argument('--out', default=os.path.join(HERE, 'slicing', 'results'),
+                        help='path stem of the .md, .json and .png results (default: '
+                             'experiments/slicing/results)')
     args = parser.parse_args(argv)
     rows = []
     for path in args.rows_from:
@@ -273,8 +277,8 @@ def main(argv=None) -> None:
             if workdir not in done:
                 rows += (run_resnet(workdir, args) if label == 'ResNet50'
                          else run_model(workdir, label, args))
-    report = dict(device=timing.device_name(), calibration_images=args.calibration_images,
-                  finetune_epochs=args.finetune_epochs, finetune_lr_factor=args.finetune_lr_factor,
+    report = dict(**timing.provenance_fields(MODULE, argv),
+                  calibration_images=args.calibration_images, finetune_epochs=args.finetune_epochs, finetune_lr_factor=args.finetune_lr_factor,
                   note=args.note, rows=rows)
     text = markdown(report)
     print(text)

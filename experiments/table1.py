@@ -15,9 +15,11 @@ run is started again, and the training loop resumes it from its newest checkpoin
 run continues, it does not restart). A failed run does not stop the others; the command
 exits non-zero at the end, naming them. After the runs (`--aggregate_only`: none), finished
 or not, the results go to `experiments/table1/<variant>.md` and `.json` (the study:
-`breakdown.md`, `.json`; with another variant, `breakdown_<variant>`):
+`breakdown.md`, `.json`; with another variant, `breakdown_<variant>`; `--out` another path
+stem). The markdown opens with the command, the device and the date; the JSON holds them too:
 
-    {"rows": [{"row", "config", "params", "paper_top1", "top1_seeds", "top1_mean", "top1_std",
+    {"command", "device", "date",
+     "rows": [{"row", "config", "params", "paper_top1", "top1_seeds", "top1_mean", "top1_std",
                "train_images_per_second", "rollbacks", "wall_seconds"}, ...]}
 
 `top1_seeds` holds the finished seeds only (`seeds` names them); `rollbacks` and `wall_seconds`
@@ -55,6 +57,7 @@ import tqdm
 from qhnet import config as qhnet_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = 'experiments.table1'
 ROOT = os.path.dirname(HERE)
 HARNESS_FILE, LOG_FILE, SUMMARY_FILE, METRICS_FILE = (
     'harness.json', 'harness.log', 'summary.json', 'metrics.jsonl')
@@ -241,15 +244,16 @@ def _number(value) -> str:
     return '-' if value is None else f'{value:.2f}'
 
 
-def markdown(rows: list[dict], variant: str, study: str | None, device: str,
+def markdown(rows: list[dict], variant: str, study: str | None, provenance: dict,
              note: str = '', comparisons: list[dict] = ()) -> str:
+    """The results table; `provenance`: the run's command, device and date
+    (`benchmarks.timing.provenance_fields`)."""
+    from benchmarks import timing  # noqa: PLC0415 (imports JAX)
     title = ('Breakdown study' if study == 'breakdown'
              else f'Table 1, {"reduced protocol" if variant == "fashion_mnist" else variant}')
     epochs = {r['overrides'].get('num_epochs') for r in rows} - {None}
-    lines = [f'# {title}', '',
-             f'`python -m experiments.table1 --variant={variant}'
-             f'{" --study=" + study if study else ""}`; device: **{device}**; '
-             f'{"epochs: " + ", ".join(sorted(epochs)) if epochs else "the config epochs"}. '
+    lines = [f'# {title}', '', timing.provenance_line(provenance), '',
+             f'{"Epochs: " + ", ".join(sorted(epochs)) if epochs else "The config epochs"}. '
              'Test top-1 (%) of each finished seed; mean and sample standard deviation over '
              f'them; rollbacks and wall time summed over the seeds. {note}'.rstrip(), '',
              '| row | params | paper params | paper top-1 | top-1 per seed | mean | std | '
@@ -333,9 +337,9 @@ def main(argv=None) -> int:
     from benchmarks import timing  # imports JAX: only once the runs are done
     rows = aggregate(runs, args.variant)
     comparisons = [] if args.study else against(rows, REFERENCE_ROW)
-    report = dict(variant=args.variant, study=args.study, device=timing.device_name(),
-                  note=args.note, rows=rows, comparisons=comparisons)
-    text = markdown(rows, args.variant, args.study, report['device'], args.note, comparisons)
+    report = dict(**timing.provenance_fields(MODULE, argv), variant=args.variant,
+                  study=args.study, note=args.note, rows=rows, comparisons=comparisons)
+    text = markdown(rows, args.variant, args.study, report, args.note, comparisons)
     print(text)
     timing.write_report(output_path(args), text, report)
     if failed:

@@ -3,11 +3,10 @@
 glibc's malloc gives each thread its own arena, and an arena's heap is unmapped as soon
 as everything in it is free. XLA:CPU frees a step's buffers when the step ends, so the
 next step gets fresh pages, which the kernel faults in and zeroes one 4 KiB page at a
-time. On the README's main config that is about 33,000 page faults (130 MB) per training
-step, a third of the step's time on 2 cores. `reuse_freed_memory()` keeps every thread on
-glibc's main arena, with no trimming and no mmap'd chunks, so after the first steps the
-buffers are reused: about 1,000 faults per step (benchmarks/step_cpu.md). It costs some
-100 MB of resident memory on that config.
+time, every step. `reuse_freed_memory()` keeps every thread on glibc's main arena, with no
+trimming and no mmap'd chunks, so after the first steps the buffers are reused, for some
+resident memory; `python -m benchmarks.step` reports the page faults per step with and
+without it.
 
 It must run before the first thread allocates, i.e. before JAX starts its backend; the
 command-line entry points (`qhnet.main`, `python -m qhnet.symmetry`) call it first.

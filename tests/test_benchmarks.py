@@ -19,11 +19,17 @@ def test_gpu_quick_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-5000:]
 
     reports = {}
-    for stem in ('models', 'derivative', 'pipeline_host'):
+    for stem in ('models', 'derivative', 'pipeline'):
         reports[stem] = json.loads((tmp_path / f'{stem}.json').read_text())
         device = reports[stem]['device']
         assert '(cpu, jax ' in device, device
-        assert f'Device: **{device}**' in (tmp_path / f'{stem}.md').read_text(), stem
+        assert reports[stem]['command'].startswith(f'python -m benchmarks.{stem} '), stem
+        # The title, then one line naming the command, the device and the date.
+        title, provenance = [line for line in (tmp_path / f'{stem}.md').read_text().splitlines()
+                             if line][:2]
+        assert title.startswith('# '), stem
+        assert provenance == (f'Command: `{reports[stem]["command"]}`. Device: {device}. '
+                              f'Date: {reports[stem]["date"]}.'), provenance
 
     models = reports['models']
     assert [row['label'] for row in models['rows']] == ['ResNet50', 'Eq. (3) softball@ds']
@@ -33,8 +39,8 @@ def test_gpu_quick_dry_run(tmp_path):
     assert '| train MFU |' in table and table.count('| n/a |') == 2, table
 
     assert reports['derivative']['image_size'] == 32
-    assert reports['pipeline_host']['old'] == []  # --no-baseline
-    assert [run['workers'] for run in reports['pipeline_host']['workers']] == [1, 1]
+    assert reports['pipeline']['old'] == []  # --no-baseline
+    assert [run['workers'] for run in reports['pipeline']['workers']] == [1, 1]
     for layout in ('ws m=4 (Eq. 3)', 'no ws m=4 (Eq. 3 no ws)'):
         assert f'fastest K in train mode (forward + backward), {layout}: ' in result.stdout, \
             result.stdout[-3000:]

@@ -70,17 +70,14 @@ def test_missing_or_broken_config_file(tmp_path):
 
 
 @pytest.mark.parametrize('args,fragments', [
-    (['--config.optimizer.warmup_epochs=inf'], ['config.optimizer.warmup_epochs must be a '
-                                                'finite number in [0, inf), got inf']),
-    (['--config.optimizer.base_lr=inf'], ['config.optimizer.base_lr must be a finite number']),
-    (['--config.seed=1180591620717411303424'], ['config.seed must be an integer in [0, '
-                                                 '4294967295]']),
-    (['--config.data.image_size=100000'], ['config.data.image_size must be an integer in [1, '
-                                           '8192], got 100000']),
+    (['--config.optimizer.warmup_epochs=inf', '--config.seed=1180591620717411303424'],
+     ['config.seed must be an integer in [0, 4294967295], got 1180591620717411303424']),
     (['--multihost'], ["--multihost could not start JAX's distributed runtime",
                        '--coordinator_address=HOST:PORT']),
 ])
 def test_values_and_flags_that_fail_later_fail_first_in_one_line(tmp_path, args, fragments):
+    """The config's values are checked against the schema (tests/test_configs.py tries every
+    number's range, inf and NaN) before anything starts; so is --multihost's coordinator."""
     workdir = tmp_path / 'workdir'
     result = run_main(DIGITS, f'--workdir={workdir}', *args)
     assert_one_line_error(result, *fragments)

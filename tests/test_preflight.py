@@ -5,11 +5,14 @@ import logging
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from qhnet import config as qhnet_config
 from qhnet import training
-from qhnet.training import preflight
+from qhnet import models
+from qhnet.training import checkpoints, preflight
 from tests.test_training import tiny_config
 
 
@@ -34,7 +37,9 @@ def test_more_workers_than_cpus_is_warned_about(caplog):
 
 def test_init_from_another_model_is_refused_before_anything_is_written(tmp_path):
     source = str(tmp_path / 'source')
-    training.train_and_evaluate(tiny_config(), source)
+    config = tiny_config()
+    variables = models.build(config.model).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    checkpoints.save_variables(source, 0, variables, config)
     other = tiny_config(**{'model.widths': (8, 32), 'init_from': source})
     workdir = tmp_path / 'workdir'
     with pytest.raises(qhnet_config.ConfigError, match='holds variables of another model'):

@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
 from qhnet import config as qhnet_config
 from qhnet import symmetry, training
+from qhnet.symmetry import __main__ as symmetry_main
 from qhnet.training import checkpoints, preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,6 +296,25 @@ def test_the_command_loads_checkpoints_and_evaluation_not_the_training_loop():
                               'qhnet.training.preflight', 'tqdm', 'tensorboardX', 'matplotlib'})
 
 
+def test_the_fine_tune_config_keeps_the_warmup_fraction_when_the_epochs_change(tmp_path):
+    """OUT/config.py on the digits recipe (a 1-epoch warmup of 10 epochs), loaded as the README
+    command loads it, with --config.num_epochs=1: 0.1 epochs of warmup, and a valid config."""
+    finetune = qhnet_config.row_config('eq3_softball', 'digits')
+    (tmp_path / 'config.json').write_text(json.dumps(qhnet_config.to_json(finetune)))
+    (tmp_path / 'config.py').write_text(symmetry_main.FINETUNE_CONFIG.format(
+        workdir='DIR', step=20, keep=0.5, method='rotate', output=str(tmp_path), stem='',
+        factor=0.1, warmup_fraction=finetune.optimizer.warmup_epochs / finetune.num_epochs))
+    argv = ['qhnet', f'--config={tmp_path}/config.py', '--config.num_epochs=1']
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    assert config.num_epochs == 1 and config.optimizer.warmup_epochs == pytest.approx(0.1)
+    preflight.validate(config)
+
+
+@pytest.mark.slow  # about 30 s: trains, slices and fine-tunes through the command line
 def test_the_readme_fine_tune_command_works_on_the_digits_recipe(tmp_path):
     """The README's commands as written, on the digits variant's own schedule (a 1-epoch
     warmup): the sliced model's config keeps the warmup at the same fraction of the epochs,

@@ -29,44 +29,40 @@ def test_a_second_run_in_a_locked_workdir_is_refused_naming_the_holder(tmp_path)
 
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     """A run killed with -9 leaves its lock file, but not the lock (it dies with the
-    process): the next run takes it over."""
-    workdir = tmp_path / 'workdir'
-    workdir.mkdir()
-    (workdir / workdirs.LOCK_FILE).write_text(json.dumps(
+    process): the next run takes it over, and leaves the file empty when it ends."""
+    (tmp_path / workdirs.LOCK_FILE).write_text(json.dumps(
         {'pid': 999999, 'host': 'elsewhere', 'since': '2026-01-01T00:00:00'}))
     with caplog.at_level('INFO'):
-        summary = training.train_and_evaluate(tiny_config(), str(workdir))
-    assert summary['steps'] == 12
+        with workdirs.locked(str(tmp_path)):
+            held = json.loads((tmp_path / workdirs.LOCK_FILE).read_text())
+    assert held['pid'] == os.getpid()
     assert 'Took over the lock of a run that ended without releasing it (process 999999' in (
         caplog.text)
-    assert (workdir / workdirs.LOCK_FILE).read_text() == ''  # released at the end
+    assert (tmp_path / workdirs.LOCK_FILE).read_text() == ''
 
 
-@pytest.mark.parametrize('name,make,message', [
-    ('metrics.jsonl', os.mkdir, 'metrics.jsonl should be a file'),
-    ('checkpoints', lambda path: open(path, 'w').close(), 'checkpoints should be a directory'),
-    ('tensorboard', lambda path: open(path, 'w').close(), 'tensorboard should be a directory'),
-])
-def test_a_workdir_entry_of_the_wrong_kind_is_one_line_before_anything(tmp_path, name, make,
-                                                                      message):
+def test_a_workdir_entry_of_the_wrong_kind_is_one_line_before_anything(tmp_path):
+    for name, make in (('checkpoints', lambda path: open(path, 'w').close()),
+                       ('tensorboard', lambda path: open(path, 'w').close())):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        make(str(workdir / name))
+        with pytest.raises(workdirs.WorkdirError, match=f'{name} should be a directory'):
+            training.train_and_evaluate(tiny_config(), str(workdir))
+        assert sorted(os.listdir(workdir)) == [name]
     workdir = tmp_path / 'workdir'
-    workdir.mkdir()
-    make(str(workdir / name))
+    os.makedirs(workdir / 'metrics.jsonl')
     result = run_main(DIGITS, f'--workdir={workdir}')
-    assert_one_line_error(result, message, 'Move it out of the way')
-    assert sorted(os.listdir(workdir)) == [name]
+    assert_one_line_error(result, 'metrics.jsonl should be a file', 'Move it out of the way')
+    assert sorted(os.listdir(workdir)) == ['metrics.jsonl']
 
 
 def test_read_only_checkpoints_are_refused_at_the_start(tmp_path, read_only_mount):
     """A resume whose checkpoints/ is read-only would fail at its first save, an epoch later."""
-    finished = tmp_path / 'finished'
-    config = tiny_config()
-    training.train_and_evaluate(config, str(finished))
     workdir = tmp_path / 'workdir'
-    shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns(checkpoints.CHECKPOINT_DIR))
-    read_only_mount(workdir / checkpoints.CHECKPOINT_DIR, finished / checkpoints.CHECKPOINT_DIR)
+    read_only_mount(workdir / checkpoints.CHECKPOINT_DIR)
     with pytest.raises(workdirs.WorkdirError, match='checkpoints is not writable'):
-        training.train_and_evaluate(config, str(workdir))
+        workdirs.prepare_workdir(str(workdir))
 
 
 def imagefolder_config(data_dir):

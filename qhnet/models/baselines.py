@@ -39,7 +39,7 @@ def _torch_conv(features: int, kernel_size: int, strides: int = 1, **kwargs) -> 
 
 
 # Depthwise convolutions as stencils on the CPU: XLA:CPU runs a convolution with one group per
-# channel, and its input gradient at stride 2, 10-100x slower than these elementwise sums.
+# channel, and its input gradient at stride 2, many times slower than these elementwise sums.
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 

@@ -31,11 +31,8 @@ with the same parameters; they differ only in the XLA program:
   Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is not defined for it; reverse
   mode of any order is.
 
-`DEFAULT_IMPL` is the fastest on every backend measured. On XLA:CPU, by far
-(benchmarks/derivative_cpu.md, benchmarks/models_cpu.md): per network, 'stencil' runs
-K's forward and backward several times faster than 'folded' and hundreds of times
-faster than 'grouped'. On an H200 in bfloat16 (benchmarks/derivative_gpu_h200.md),
-2.6x faster than 'folded' and 3.3x than 'grouped'. On another accelerator run
+`DEFAULT_IMPL` is the fastest on every backend measured, by far on XLA:CPU
+(`benchmarks/results/<device>/derivative.md`). On another accelerator run
 `python -m benchmarks.derivative` and pick with `config.model.derivative_impl`.
 """
 
@@ -118,7 +115,7 @@ def _stencil_core(x, taps, stride):
     """x (B, H, W, A, S, 1), taps (9, S, R) -> (B, H', W', A, S, R) in taps' dtype (float32 or 64):
     sum over taps t of window_t(x) * taps[t]. A custom VJP because XLA:CPU runs JAX's own
     transpose (9 pads of the cotangent, reductions onto a 4-wide minor axis, a dilated
-    cotangent at stride 2) 10-100x slower than the forward pass."""
+    cotangent at stride 2) many times slower than the forward pass."""
     return _stencil_forward(x, taps, stride)[0]
 
 
@@ -155,7 +152,7 @@ def _transposed_stencil(g, taps, stride, height, width):
     batch, out_h, out_w, channels, ratio = g.shape
     # g padded once: g[o] sits at padded[o + 1], so offsets -1, 0, +1 stay in range.
     # The sum over r is written out as elementwise terms, not a reduction over the minor
-    # axis: XLA fuses all 9*R terms into one loop (the reduction form was ~20x slower on CPU).
+    # axis: XLA fuses all 9*R terms into one loop (the reduction form was much slower on CPU).
     padded = pad_hw(g)
 
     def phase_taps(r):  # (tap index d, offset) with p = stride*q + r reading o = q + offset

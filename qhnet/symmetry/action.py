@@ -246,7 +246,7 @@ def invariance_tolerance(dtype, kappa: float, width: int) -> float:
     A change of basis turns the products over a stream into dense sums of `width` terms,
     with a rounding error of about sqrt(width) eps relative to the terms, amplified by up to
     cond(T) (docs/design.md, 'Numerics'; up to cond(T_in) cond(T_out) where a block crosses from one
-    stream to the next, in the worst case). Measured (benchmarks/symmetry.md,
+    stream to the next, in the worst case). Measured (benchmarks/results/<device>/symmetry.md,
     tests/test_symmetry.py) for cond(T) <= MAX_CONDITION = 1e4, the largest accepted
     without `force`: Haar rotations of the 224x224 model's 512-wide streams move its
     float64 logits by ~300 eps = 13 eps sqrt(512); GL elements with cond(T) = 1e3 by
