@@ -487,8 +487,10 @@ def markdown(report: dict) -> str:
     size = report['image_size']
     old_loader = (f'`qhnet.data` of {report["baseline"]}, from a git worktree in a subprocess'
                   if report['old'] else 'not measured (`--no-baseline`)')
+    title = ('# Input pipeline: old thread-pool loader against the grain loader'
+             if report['old'] else '# Input pipeline: the grain loader')
     lines = [
-        '# Input pipeline: old thread-pool loader against the grain loader',
+        title,
         '',
         timing.provenance_line(report),
         '',
@@ -502,15 +504,27 @@ def markdown(report: dict) -> str:
         'images/s per core = images / CPU seconds of every thread (and worker process) doing '
         'the work: the rate one fully used core sustains, whatever else runs on the machine.',
         '',
-        '## Old against new, per core, at equal augmentation (random-resized crop + flip)',
-        '',
-        'The old loader decodes every JPEG with PIL, resizes the crop with PIL\'s filtered '
-        'bilinear resample and returns normalised float32; the new one decodes JPEGs with '
-        'libjpeg-turbo (simplejpeg), resizes with OpenCV\'s bilinear interpolation (no '
-        'antialiasing filter; the decoder table gives the difference) and returns uint8, '
-        f'normalised on the device. Old and new alternated {report["rounds"]} times; medians, '
-        'with every round\'s per-core rate.',
-        '',
+    ]
+    new_loader = ('decodes JPEGs with libjpeg-turbo (simplejpeg), resizes with OpenCV\'s '
+                  'bilinear interpolation (no antialiasing filter; the decoder table gives the '
+                  'difference) and returns uint8, normalised on the device.')
+    if report['old']:
+        lines += [
+            '## Old against new, per core, at equal augmentation (random-resized crop + flip)',
+            '',
+            'The old loader decodes every JPEG with PIL, resizes the crop with PIL\'s filtered '
+            'bilinear resample and returns normalised float32; the new one '
+            f'{new_loader} Old and new alternated {report["rounds"]} times; medians, with every '
+            'round\'s per-core rate.',
+            '']
+    else:
+        lines += [
+            '## Per core, random-resized crop + flip',
+            '',
+            f'The loader {new_loader} {report["rounds"]} rounds; the median, with every '
+            'round\'s per-core rate.',
+            '']
+    lines += [
         '| loader | images/s (wall) | images/s per core | rounds, per core | '
         'new / old per core |',
         '|---|---:|---:|---|---:|',

@@ -162,12 +162,15 @@ def run_model(workdir: str, label: str, args) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
+    unsliced = {row['model']: row['stream_widths'] for row in report['rows']
+                if row['keep'] == 1.0}
     lines = ['# Slicing through the group against channel pruning', '',
              timing.provenance_line(report), '',
-             'Fashion-MNIST main model (Eq. (3), '
-             'widths 16, 32, 128, 256), its identity-activation twin and the small-input '
-             'ResNet50 (bottleneck widths 16, 32, 128, 256), trained by '
-             '`python -m qhnet.main`; calibration on the first '
+             'Fashion-MNIST main model (Eq. (3) softball@ds), its identity-activation twin '
+             'and the small-input ResNet50 of the same recipe, trained by '
+             '`python -m qhnet.main`; unsliced stream widths '
+             f'{"; ".join(f"{model} {widths}" for model, widths in unsliced.items())}. '
+             'Calibration on the first '
              f'{report["calibration_images"]} training images; test top-1 on the 10,000 test '
              'images, no fine-tuning unless a column says so. `keep` is the fraction of every '
              'stream kept but the stem\'s, which stays whole, the largest that removes the '

@@ -28,8 +28,9 @@ def num_params(variables):
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables["params"]))
 
 
-@pytest.mark.parametrize("size,stride,shape", [(3, 1, (2, 7, 9, 5)), (3, 2, (2, 8, 9, 5)),
-                                               (5, 1, (2, 6, 6, 4)), (5, 2, (3, 9, 7, 4))])
+@pytest.mark.parametrize("size,stride,shape", [
+    (3, 1, (2, 7, 9, 5)), (3, 2, (2, 8, 9, 5)),
+    pytest.param(5, 1, (2, 6, 6, 4), marks=pytest.mark.slow), (5, 2, (3, 9, 7, 4))])
 def test_depthwise_stencil_equals_the_grouped_convolution(size, stride, shape):
     """MobileNetV3's depthwise convolutions on the CPU: values, input and kernel gradients
     equal XLA's grouped convolution (float64), odd and even sizes, strides 1 and 2."""

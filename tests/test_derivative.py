@@ -209,7 +209,9 @@ def small_qhnet(equation, weight_sharing, **kwargs):
                         widths=(8, 16), depths=(2, 1), num_classes=5, **kwargs)
 
 
-@pytest.mark.parametrize('equation,weight_sharing', [(3, True), (3, False), (6, True), (7, False)])
+@pytest.mark.parametrize('equation,weight_sharing', [
+    pytest.param(3, True, marks=pytest.mark.slow), pytest.param(3, False, marks=pytest.mark.slow),
+    (6, True), (7, False)])
 def test_model_impls_and_remat_agree(digits, equation, weight_sharing):
     """Every impl, and the default one with remat: same parameter tree, logits, batch
     statistics and gradients of a training step."""

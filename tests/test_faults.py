@@ -110,6 +110,7 @@ def small_disk(tmp_path):
     subprocess.run(['umount', str(mount_point)], check=False)
 
 
+@pytest.mark.slow  # about 25 s: trains until a small mounted disk is full
 def test_full_disk_gives_one_line_and_keeps_the_checkpoints(small_disk):
     workdir = small_disk / 'workdir'
     ten_epochs = [arg.replace('num_epochs=3', 'num_epochs=10') for arg in command(workdir)]

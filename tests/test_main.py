@@ -134,6 +134,7 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # about 20 s: trains on an image folder through the command line
 def test_grayscale_imagefolder_trains_and_evaluates(tmp_path):
     """The fashion_mnist variant of the main model, on a folder of real grayscale PNGs."""
     root, _ = grayscale_imagefolder(tmp_path / 'pngs', per_class=7)

@@ -324,6 +324,7 @@ def test_act_then_inverse_returns_the_form(architecture):
         assert relative(moved['stage1_block2']['coef'], form['stage1_block2']['coef']) > 0.1
 
 
+@pytest.mark.slow  # about 25 s: trains, transforms, saves and restores
 def test_trained_model_transformed_saved_and_reloaded(digits):
     """Train 30 steps, transform by a tied element, write it as Flax variables of the mixing
     model, save and reload: the same predictions, the same accuracy."""

@@ -205,6 +205,7 @@ def test_bad_input_is_refused_with_one_line(workdir, tmp_path, case):
 
 # slice
 
+@pytest.mark.slow  # about 20 s: slices, evaluates and fine-tunes through the command line
 def test_slice_writes_a_model_that_evaluates_and_fine_tunes(workdir, tmp_path):
     output = str(tmp_path / 'sliced')
     result = run_cli('slice', f'--workdir={workdir}', '--keep=0.5', '--calibration_images=128',
@@ -297,8 +298,9 @@ def test_the_command_loads_checkpoints_and_evaluation_not_the_training_loop():
 
 
 def test_the_fine_tune_config_keeps_the_warmup_fraction_when_the_epochs_change(tmp_path):
-    """OUT/config.py on the digits recipe (a 1-epoch warmup of 10 epochs), loaded as the README
-    command loads it, with --config.num_epochs=1: 0.1 epochs of warmup, and a valid config."""
+    """OUT/config.py on the digits recipe (a 1-epoch warmup of 10 epochs), loaded as the
+    documented fine-tune command loads it, with --config.num_epochs=1: 0.1 epochs of warmup,
+    and a valid config."""
     finetune = qhnet_config.row_config('eq3_softball', 'digits')
     (tmp_path / 'config.json').write_text(json.dumps(qhnet_config.to_json(finetune)))
     (tmp_path / 'config.py').write_text(symmetry_main.FINETUNE_CONFIG.format(
@@ -315,9 +317,9 @@ def test_the_fine_tune_config_keeps_the_warmup_fraction_when_the_epochs_change(t
 
 
 @pytest.mark.slow  # about 30 s: trains, slices and fine-tunes through the command line
-def test_the_readme_fine_tune_command_works_on_the_digits_recipe(tmp_path):
-    """The README's commands as written, on the digits variant's own schedule (a 1-epoch
-    warmup): the sliced model's config keeps the warmup at the same fraction of the epochs,
+def test_the_documented_fine_tune_command_works_on_the_digits_recipe(tmp_path):
+    """The commands of docs/symmetry.md as written, on the digits variant's own schedule (a
+    1-epoch warmup): the sliced model's config keeps the warmup at the same fraction of the epochs,
     so `--config.num_epochs=1` leaves room for the decay."""
     trained = str(tmp_path / 'trained')
     config = qhnet_config.row_config('eq3_softball', 'digits')

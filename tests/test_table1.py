@@ -49,6 +49,7 @@ def test_bad_rows_and_sets_are_refused(tmp_path):
         table1.main(['--dry-run', '--set', 'seed', '--runs_dir', str(tmp_path)])
 
 
+@pytest.mark.slow  # about 30 s: two rows trained through the command line
 def test_two_digits_rows_train_and_aggregate(tmp_path, capsys):
     runs_dir, out = tmp_path / 'runs', tmp_path / 'results' / 'digits'
     args = ['--variant=digits', '--rows', 'eq3_softball', 'resnet50', '--seeds', '0',
@@ -93,6 +94,7 @@ def test_differences_are_read_against_the_spread_across_seeds():
     assert table1.against(rows, 'one_seed') == [] and table1.against(rows, 'missing') == []
 
 
+@pytest.mark.slow  # about 25 s: a run killed and resumed through the command line
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     runs_dir, out = tmp_path / 'runs', tmp_path / 'digits'
     args = ['--variant=digits', '--rows', 'eq3_softball', '--seeds', '0', '--num_epochs', '3',

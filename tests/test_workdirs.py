@@ -32,7 +32,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     process): the next run takes it over, and leaves the file empty when it ends."""
     (tmp_path / workdirs.LOCK_FILE).write_text(json.dumps(
         {'pid': 999999, 'host': 'elsewhere', 'since': '2026-01-01T00:00:00'}))
-    with caplog.at_level('INFO'):
+    with caplog.at_level('INFO', logger='absl'):
         with workdirs.locked(str(tmp_path)):
             held = json.loads((tmp_path / workdirs.LOCK_FILE).read_text())
     assert held['pid'] == os.getpid()
