@@ -32,8 +32,9 @@ the spread across seeds, `against`).
 The reduced protocol (`--variant=fashion_mnist`): the Fashion-MNIST variant of each row (the
 main command's stem, widths and depths, with the row's block, weight sharing, multiplier and
 activation; ResNet50 and MobileNetV3 with the same small-input stem), for
-REDUCED_EPOCHS epochs instead of the main command's 5: on 2 CPU cores the 36 runs take about
-1.5 hours at 1 epoch, and would take about 7 at 5 (the results table gives the measured total).
+REDUCED_EPOCHS epochs instead of the main command's 5: an epoch of an Eq. (3) row takes about
+1.5 minutes on 2 CPU cores (the breakdown study's wall times), so 5 epochs of the 27 Eq. (3)-(7)
+runs alone would take over 3 hours (the results table gives the measured total).
 
 The breakdown study (paper, section 3: "once we remove all the activation functions, or use only
 ReLU, the training is prone to break down"): Eq. (3) with no activation, relu@all, hardtanh@ds
