@@ -141,12 +141,6 @@ def provenance_line(report: dict) -> str:
     return ' '.join(parts)
 
 
-def provenance(module: str, argv: Sequence[str] | None = None) -> str:
-    """The line that follows the title of every report: 'Command: `python -m <module> <args>`.
-    Device: <device_name()>. Date: <YYYY-MM-DD>.' (sys.argv[1:] when argv is None)."""
-    return provenance_line(provenance_fields(module, argv))
-
-
 def load_average() -> str:
     try:
         return ' '.join(f'{x:.1f}' for x in os.getloadavg())

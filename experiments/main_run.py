@@ -66,7 +66,8 @@ def markdown(report: dict) -> str:
                      f'{run["wall_minutes"]:.1f} min | {run["train_images_per_second"]:,.0f} |')
     lines += ['', f'Over the seeds: top-1 {min(top1):.2f} to {max(top1):.2f}% (mean '
                   f'{sum(top1) / len(top1):.2f}%), {min(minutes):.1f} to {max(minutes):.1f} '
-                  'minutes. Seed 0\'s curves: `curves_seed0.png`.', '']
+                  f'minutes. Seed {runs[0]["seed"]}\'s curves: `curves_seed{runs[0]["seed"]}.png`.',
+              '']
     return '\n'.join(lines)
 
 
@@ -82,10 +83,11 @@ def main(argv=None) -> None:
         report['runs'].append(run_seed(seed, runs_dir))
         print(f'seed {seed}: {report["runs"][-1]["top1"]:.2f}% in '
               f'{report["runs"][-1]["wall_minutes"]:.1f} min', flush=True)
-    timing.write_report(args.out, markdown(report), report)
+    text = markdown(report)
+    timing.write_report(args.out, text, report)
     curves = os.path.join(runs_dir, f'seed{args.seeds[0]}', 'curves.png')
     shutil.copy(curves, os.path.join(os.path.dirname(args.out), f'curves_seed{args.seeds[0]}.png'))
-    print(markdown(report))
+    print(text)
 
 
 if __name__ == '__main__':
