@@ -43,7 +43,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from qhnet import data, models, params, training  # noqa: E402
 from qhnet.symmetry import baseline_family, slicing  # noqa: E402
-from qhnet.symmetry.__main__ import first_images  # noqa: E402
+from qhnet.symmetry.checks import first_images  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = 'experiments.slicing'

@@ -547,7 +547,8 @@ def test_images_of_the_wrong_shape_are_refused(identity_model, images):
 # The chain of qhnet/symmetry (its __init__ docstring): a module imports from the package only
 # modules of earlier layers, and `groups` and `testing`, which import nothing from it.
 IMPORT_LAYERS = (('structure',), ('spec',), ('folding',), ('qhnet_family', 'baseline_family'),
-                 ('families',), ('action',), ('slicing',), ('__init__',), ('__main__',))
+                 ('families',), ('action',), ('slicing', 'rounding', 'checks'), ('quantize',),
+                 ('__init__',), ('__main__',))
 LEAVES = ('groups', 'testing')
 
 
@@ -596,8 +597,9 @@ def chain_problems(directory: pathlib.Path) -> list[str]:
 
 def test_imports_form_a_chain():
     """qhnet/symmetry imports one way: structure < spec < folding < {qhnet_family,
-    baseline_family} < families < action < slicing < __init__ < __main__, each module from earlier ones
-    only (and from groups, testing), and never inside a function."""
+    baseline_family} < families < action < {slicing, rounding, checks} < quantize < __init__ <
+    __main__, each module from earlier ones only (and from groups, testing), and never inside a
+    function."""
     directory = pathlib.Path(symmetry.__file__).parent
     assert {'structure', 'families', 'action'} <= {p.stem for p in directory.glob('*.py')}
     assert chain_problems(directory) == []

@@ -1,6 +1,6 @@
-"""`python -m qhnet.symmetry verify` on a real checkpoint: a QHNet trained for a few steps on
-digits is transformed, written, read back and evaluated to the same accuracy; bad input is
-refused with one line and no traceback."""
+"""`python -m qhnet.symmetry verify`, `slice` and `quantize` on a real checkpoint: a QHNet trained
+for a few steps on digits is transformed, written, read back and evaluated to the same accuracy;
+sliced; quantized; bad input is refused with one line and no traceback."""
 
 import json
 import os
@@ -14,11 +14,13 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from qhnet import config as qhnet_config
-from qhnet import symmetry, training
+from qhnet import models, symmetry, training
 from qhnet.symmetry import __main__ as symmetry_main
+from qhnet.symmetry.testing import random_variables
 from qhnet.training import checkpoints, preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,6 +265,53 @@ def test_slice_bad_input_is_refused(workdir, tmp_path, flag, message):
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-2000:]
     assert not os.path.exists(tmp_path / 'out' / 'slice.json')
+
+
+# quantize
+
+def test_quantize_writes_the_quantized_form_and_its_summary(workdir, tmp_path):
+    output = str(tmp_path / 'quantized')
+    result = run_cli('quantize', f'--workdir={workdir}', '--bits=w8a8', '--transform=learned',
+                     '--learn_steps=5', '--calibration_images=128', f'--output_workdir={output}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'w8a8, transform learned: test top-1' in result.stdout
+    with open(os.path.join(output, 'quantize.json')) as f:
+        summary = json.load(f)
+    assert summary['bits'] == 'w8a8' and summary['transform'] == 'learned'
+    assert summary['step'] == 20 and summary['calibration_images'] == 128
+    before = training.evaluate(*training.restore_variables(workdir)[1:])['top1']
+    assert summary['top1_before'] == before
+    assert abs(summary['top1_after'] - before) <= 0.02  # 8 bits on a 20-step digits model
+    assert {'stem/kernel', 'head/kernel'} <= set(summary['weight_error'])
+    assert 'pooled' in summary['activation_error'] and 'output' not in summary['activation_error']
+    assert all(0 <= e < 0.1 for e in summary['weight_error'].values())
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(os.path.join(output, 'quantized_form'))
+    assert list(tree['bits']) == [8, 8] and 'stage1_block1' in tree['ranges']
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--bits=w1a8'], '1 weight bits is outside 2..16'),
+    (['--transform=rotate'], "unknown transform 'rotate'"),
+    (['--calibration_images=0'], 'quantizing needs training images'),
+])
+def test_quantize_bad_flags_are_refused_with_one_line(workdir, tmp_path, flags, message):
+    line = error_line(run_cli('quantize', f'--workdir={workdir}', *flags,
+                              f'--output_workdir={tmp_path / "out"}'))
+    assert message in line, line
+    assert not os.path.exists(tmp_path / 'out' / 'quantize.json')
+
+
+def test_quantize_refuses_a_rotation_of_a_resnet(tmp_path):
+    config = qhnet_config.row_config('resnet50', 'digits')
+    model = models.build(config.model)
+    checkpoints.save_variables(str(tmp_path / 'resnet'), 1,
+                               random_variables(model, (1, 8, 8, 1), seed=0), config)
+    line = error_line(run_cli('quantize', f'--workdir={tmp_path / "resnet"}',
+                              '--transform=learned', f'--output_workdir={tmp_path / "out"}'))
+    assert ("transform 'learned' rotates the streams that admit O(n), and this model has none"
+            in line)
+    assert "use 'none' or 'smooth'" in line
 
 
 def test_init_from_a_workdir_without_checkpoints_is_refused(tmp_path):

@@ -14,8 +14,14 @@ channels and GL(n) on MobileNet's linear bottlenecks (`qhnet.symmetry.baseline_f
                                               #  'invariant'}
     variables = unfold(spec, moved)           # back to the Flax model with mixing=True
 
+Low-bit inference through the group (`qhnet.symmetry.quantize`):
+
+    quantized = quantize.quantize(spec, form, images, bits='w4a4', transform='hadamard')
+    logits = quantize.apply(spec, quantized, images)
+
 Command line: `python -m qhnet.symmetry verify --workdir=DIR`, `python -m qhnet.symmetry
-slice --workdir=DIR --keep=0.75 --output_workdir=OUT` (see `__main__`).
+slice --workdir=DIR --keep=0.75 --output_workdir=OUT`, `python -m qhnet.symmetry quantize
+--workdir=DIR --bits=w4a4 --transform=learned --output_workdir=OUT` (see `__main__`).
 
 The modules form a chain: each imports only modules above it, and the two families not each
 other (tests/test_symmetry.py, `test_imports_form_a_chain`).
@@ -30,6 +36,10 @@ other (tests/test_symmetry.py, `test_imports_form_a_chain`).
     action.py           group elements: sample, act, inverse, condition, verify
     slicing.py          streams rotated to their principal axes and cut (Eq. (3) models);
                         a ResNet50's channels pruned, for comparison
+    rounding.py         integer grids for weights and activations; the quantized forward pass
+    checks.py           what the command line checks before any work
+    quantize.py         the group elements applied before rounding (random, Hadamard, learned
+                        rotations; SmoothQuant-style scalings) and `quantize`
     __init__.py         this public API
     __main__.py         the command line
 

@@ -1,5 +1,5 @@
 """Checks the symmetry on a trained checkpoint and writes a transformed copy of the model;
-slices a trained model through its group.
+slices a trained model through its group; quantizes it.
 
   python -m qhnet.symmetry verify --workdir=DIR [--output_workdir=DIR/transformed] [--cond=10]
 
@@ -49,24 +49,32 @@ per stream, its width, the kept width, the explained variance and the FLOPs per 
 the arrays it names, before and after. It refuses, as `verify` does, a bad --workdir or
 --output_workdir, and a --keep outside (0, 1], an unknown --method, --calibration_images
 < 1 and a model other than Eq. (3).
+
+  python -m qhnet.symmetry quantize --workdir=DIR --bits=w4a4 --transform=learned
+      [--calibration_images=512] [--learn_steps=200] --output_workdir=OUT
+
+quantizes the newest checkpoint of --workdir after the group element of --transform
+(`qhnet.symmetry.quantize`, identity shortcuts tied) and writes OUT/quantized_form (orbax: the
+form, the activation ranges, the bits) and OUT/quantize.json (top-1 before and after on the
+test split, the error of every weight and activation point). It refuses, as `slice` does, a
+bad --workdir or --output_workdir, and bad --bits, an unknown --transform, a rotation of a
+model without a stream that admits one, and a model other than a QHNet or ResNet50.
 """
 
 import json
 import os
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from qhnet import allocator, data, models, symmetry
 from qhnet import config as qhnet_config
-from qhnet.symmetry import slicing
+from qhnet.symmetry import quantize, slicing
+from qhnet.symmetry.checks import CommandError, check_finite, check_output, first_images, restore
 from qhnet.symmetry.action import MAX_CONDITION
-from qhnet.symmetry.folding import leaves
 from qhnet.training import checkpoints, evaluation
 
 FLAGS = flags.FLAGS
@@ -82,77 +90,19 @@ flags.DEFINE_bool('slice_stem', False, 'slice: cut the stem\'s stream too (by de
                   'all of its channels: it admits no rotation and holds few parameters).')
 flags.DEFINE_float('finetune_lr_factor', 0.1, 'slice: OUT/config.py fine-tunes with the '
                    'recipe\'s schedule at this times its peak learning rate.')
-flags.DEFINE_integer('calibration_images', 512, 'slice: training images whose stream moments '
-                     'choose the directions kept.')
+flags.DEFINE_integer('calibration_images', 512, 'slice, quantize: training images whose '
+                     'stream moments choose the directions kept, or that calibrate the ranges.')
 flags.DEFINE_bool('trust_unverified', False, 'Restore checkpoints that have no content digest '
                   'at all (checkpoint_digests/ deleted); they cannot be verified.')
+flags.DEFINE_string('bits', 'w8a8', 'quantize: weight and activation bits, w<bits>a<bits> '
+                    '(w8a8, w4a8, w4a4; each in 2..16).')
+flags.DEFINE_string('transform', 'none', 'quantize: the group element applied before rounding: '
+                    f'one of {", ".join(quantize.TRANSFORMS)}.')
+flags.DEFINE_integer('learn_steps', 200, 'quantize: Adam steps of --transform=learned.')
 flags.DEFINE_enum('method', 'rotate', slicing.METHODS, 'slice: rotate to the principal axes '
                   '(where the group allows), select channels by variance, or by weight norm.')
 
 FORM_DIR = 'full_group_form'
-
-
-def first_images(dataset: data.Dataset, split: str, count: int) -> np.ndarray:
-    """The first `count` images of `split` (fewer if the split is smaller), unaugmented and
-    normalised as the models read them."""
-    batch = next(dataset.batches(split, batch_size=count, seed=0, train=False))
-    return np.asarray(data.normalise(batch['image'][batch['mask'] > 0], dataset.info))
-
-
-class CommandError(Exception):
-    """A problem with the command's input: one line that names it and the fix."""
-
-
-def restore(workdir: str) -> checkpoints.Restored:
-    """The newest readable checkpoint of --workdir (`checkpoints.restore_variables`)."""
-    if not workdir:
-        raise CommandError('--workdir is missing or empty; pass --workdir=DIR, the workdir of a '
-                           'training run (python -m qhnet.main --workdir=DIR)')
-    if not os.path.isdir(workdir):
-        raise CommandError(f'--workdir={workdir} is not a directory; pass the workdir of a '
-                           'training run (python -m qhnet.main --workdir=DIR)')
-    try:
-        return checkpoints.restore_variables(workdir, trust_unverified=FLAGS.trust_unverified)
-    except checkpoints.CheckpointRestoreError as error:  # its message names the fix
-        raise CommandError(' '.join(str(error).splitlines())) from error
-
-
-def check_output(workdir: str, output_workdir: str, step: int) -> None:
-    """Refuses to write into the training run, next to checkpoints of other steps (the newest
-    would be read back instead of the one written), or where nothing can be written."""
-    if os.path.realpath(output_workdir) == os.path.realpath(workdir):
-        raise CommandError(f'--output_workdir is --workdir ({workdir}), whose checkpoint the '
-                           'transformed model would overwrite; pass another --output_workdir')
-    try:
-        os.makedirs(output_workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_workdir):
-            pass
-    except OSError as error:
-        raise CommandError(f'cannot write to --output_workdir={output_workdir} '
-                           f'({error.strerror or error}); pass a writable directory') from error
-    if checkpoints.has_checkpoints(output_workdir):
-        store = checkpoints.CheckpointStore(output_workdir, read_only=True)
-        try:
-            others = [s for s in store.steps() if s != step]
-        finally:
-            store.close()
-        if others:
-            raise CommandError(f'--output_workdir={output_workdir} holds checkpoints of steps '
-                               f'{others}, not of step {step}, the one restored; pass a new '
-                               '--output_workdir or delete that one')
-
-
-def check_finite(spec, form, images, step: int, variables) -> None:
-    """Refuses a model whose logits on `images` are not finite: there is no function to check."""
-    if np.all(np.isfinite(np.asarray(symmetry.apply(spec, form, images)))):
-        return
-    bad = [name for name, x in leaves(variables) if not np.all(np.isfinite(np.asarray(x)))]
-    where = (f'non-finite variables: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}' if bad
-             else 'the variables are finite, the activations overflow')
-    raise CommandError(f'the logits of the checkpoint of step {step} on {len(images)} test images '
-                       f'are not finite ({where}), so there is no function to check; verify a '
-                       'run whose checkpoint has finite logits (train it again: qhnet.main rolls '
-                       'non-finite steps back)')
 
 
 def check(spec, form, images, key) -> tuple[dict, dict]:
@@ -162,7 +112,7 @@ def check(spec, form, images, key) -> tuple[dict, dict]:
 
 
 def run(workdir: str, output_workdir: str) -> dict:
-    restored = restore(workdir)
+    restored = restore(workdir, FLAGS.trust_unverified)
     step, config, variables = restored
     check_output(workdir, output_workdir, step)
     model = models.build(config.model)
@@ -233,7 +183,7 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
     if FLAGS.calibration_images < 1:
         raise CommandError(f'--calibration_images={FLAGS.calibration_images}: slicing needs '
                            'training images; pass --calibration_images=N with N >= 1')
-    restored = restore(workdir)
+    restored = restore(workdir, FLAGS.trust_unverified)
     step, config, variables = restored
     check_output(workdir, output_workdir, step)
     if config.model.name != 'qhnet' or config.model.equation != 3:
@@ -311,14 +261,85 @@ def slice_report(summary: dict) -> list[str]:
         '--config.num_epochs=1']
 
 
+QUANTIZED_DIR = 'quantized_form'
+
+
+def run_quantize(workdir: str, output_workdir: str) -> dict:
+    try:
+        bits = quantize.parse_bits(FLAGS.bits)
+        quantize.parse_transform(FLAGS.transform)
+    except ValueError as error:
+        raise CommandError(f'--bits/--transform: {error}') from error
+    if FLAGS.calibration_images < 1:
+        raise CommandError(f'--calibration_images={FLAGS.calibration_images}: quantizing needs '
+                           'training images; pass --calibration_images=N with N >= 1')
+    if FLAGS.learn_steps < 1:
+        raise CommandError(f'--learn_steps={FLAGS.learn_steps}; pass a number >= 1')
+    restored = restore(workdir, FLAGS.trust_unverified)
+    step, config, variables = restored
+    check_output(workdir, output_workdir, step)
+    spec = symmetry.group_spec(restored, tie_identity_shortcuts=True)
+    try:
+        quantize.check_supported(spec, FLAGS.transform)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    dataset = data.open_dataset(config.data)
+    images = first_images(dataset, 'train', FLAGS.calibration_images)
+    form = symmetry.fold(spec, restored)
+    check_finite(spec, form, images, step, variables)
+    quantized = quantize.quantize(spec, form, images, bits, FLAGS.transform, seed=FLAGS.seed,
+                                  steps=FLAGS.learn_steps)
+    path = os.path.join(os.path.abspath(output_workdir), QUANTIZED_DIR)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, quantize.to_tree(quantized), force=True)
+        checkpointer.wait_until_finished()
+    return {
+        'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
+        'bits': str(bits), 'transform': FLAGS.transform, 'seed': FLAGS.seed,
+        'calibration_images': int(len(images)),
+        'top1_before': evaluation.evaluate(config, variables, dataset=dataset)['top1'],
+        'top1_after': evaluation.evaluate(config, quantized.variables(),
+                                          logits_fn=quantize.logits_fn(spec, bits),
+                                          dataset=dataset)['top1'],
+        'weight_error': quantized.weight_errors,
+        'activation_error': quantized.activation_errors,
+        'activation_range': {p: [float(v) for v in r] for p, r in quantized.ranges.items()},
+    }
+
+
+def main_quantize() -> None:
+    try:
+        output_workdir = FLAGS.output_workdir or os.path.join(
+            FLAGS.workdir or '', f'quantized_{FLAGS.bits}_{FLAGS.transform}')
+        summary = run_quantize(FLAGS.workdir, output_workdir)
+    except CommandError as error:
+        sys.exit(f'error: {error}')
+    with open(os.path.join(output_workdir, 'quantize.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    print('\n'.join(quantize_report(summary)))
+
+
+def quantize_report(summary: dict) -> list[str]:
+    """What `quantize` prints: each weight's and activation point's relative rounding error,
+    then top-1 before and after."""
+    errors = {**summary['weight_error'], **summary['activation_error']}
+    return [f'{name:>28}: {error:.3f}' for name, error in errors.items()] + [
+        f'{summary["bits"]}, transform {summary["transform"]}: test top-1 '
+        f'{summary["top1_before"]:.4f} (float) -> {summary["top1_after"]:.4f}',
+        f'wrote the quantized form and quantize.json to {summary["output_workdir"]}']
+
+
 def main(argv: list[str]) -> None:
-    if argv[1:] not in (['verify'], ['slice']):
-        raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR, or '
+    if argv[1:] not in (['verify'], ['slice'], ['quantize']):
+        raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR, '
                              'python -m qhnet.symmetry slice --workdir=DIR --keep=0.75 '
-                             f'--output_workdir=OUT; got {argv[1:]}')
+                             '--output_workdir=OUT, or python -m qhnet.symmetry quantize '
+                             f'--workdir=DIR --bits=w4a4 --transform=learned; got {argv[1:]}')
     allocator.reuse_freed_memory()  # before JAX's backend starts its threads
     if argv[1] == 'slice':
         return main_slice()
+    if argv[1] == 'quantize':
+        return main_quantize()
     try:
         if FLAGS.num_images < 1:
             raise CommandError(f'--num_images={FLAGS.num_images}: the check needs test images; '

@@ -50,16 +50,14 @@ restated here. `unfold` writes a form back into the same model's variables, ever
 x -> x + b. Forms and images are checked by the public functions (`families`), not here.
 """
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qhnet.symmetry import groups
-from qhnet.symmetry.folding import (HIGHEST, batch_norm, check_variables, compute_dtype, dense,
-                                    identity_bn, read)
+from qhnet.symmetry.folding import (HIGHEST, Tap, batch_norm, check_variables, compute_dtype,
+                                    dense, identity_bn, no_tap, read)
 from qhnet.symmetry.spec import Entry, GroupSpec, Stream
 from qhnet.symmetry.structure import BaselineStructure, Bottleneck, Layer
 
@@ -188,34 +186,31 @@ def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
 
 
 def forward(structure: BaselineStructure, form: dict, x: jax.Array,
-            read: Callable[[str, jax.Array], None] | None = None) -> jax.Array:
+            tap: Tap | None = None) -> jax.Array:
     """The equations of the module docstring: logits of a form of JAX arrays. For a ResNet50,
-    `read(stream, u)`, if given, sees every value u that a layer reads a stream (named as in
-    `group_spec`) as: block inputs, hidden activations and the head's unpooled input."""
+    `tap(point, x)`, if given, sees and may replace every value that a layer reads after a
+    nonlinearity: each block's input ('<block>/input') and hidden activations
+    ('<block>/hidden1', '<block>/hidden2'), the last block's output ('output') and the pooled
+    features ('pooled')."""
 
     def affine(layer, x):
         return _affine(layer, form[layer.path], x)
 
-    def seen(stream, x):
-        if read:
-            read(stream, x)
-        return x
-
     if structure.model == 'ResNet50':
+        seen = tap or no_tap
         x = nn.relu(affine(structure.stem, x))
         if structure.stem_pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        stream = 'stem'
         for block in structure.blocks:
             first, middle, last = block.convs
-            seen(stream, x)
+            x = seen(f'{block.name}/input', x)
             hidden = seen(f'{block.name}/hidden1', nn.relu(affine(first, x)))
             hidden = seen(f'{block.name}/hidden2', nn.relu(affine(middle, hidden)))
             x = nn.relu((affine(block.shortcut, x) if block.shortcut else x) + affine(last, hidden))
-            stream = block.name if block.shortcut else stream
-        return affine(structure.head[0], jnp.mean(seen(stream, x), axis=(1, 2)))
-    if read:
-        raise NotImplementedError('reading streams is implemented for ResNet50 only')
+        pooled = seen('pooled', jnp.mean(seen('output', x), axis=(1, 2)))
+        return affine(structure.head[0], pooled)
+    if tap:
+        raise NotImplementedError('taps are implemented for ResNet50 only')
     x = nn.hard_swish(affine(structure.stem, x))
     for block in structure.blocks:
         act = getattr(jax.nn, block.activation)

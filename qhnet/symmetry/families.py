@@ -166,3 +166,20 @@ def unfold(spec: GroupSpec, form: dict, dtype=np.float32) -> dict:
     """
     check_form(spec, form)
     return family(spec.structure).unfold(spec, form, dtype)
+
+
+def tap_streams(spec: GroupSpec) -> dict[str, str]:
+    """The stream that each tap point of the forward pass reads ('<block>/input', a ResNet50's
+    '<block>/hidden1' and '<block>/hidden2', and 'output'), by name. Products and pooled features
+    lie on no stream and are not listed."""
+    names = [s.name for s in spec.streams]
+    points, current = {}, 'stem'
+    for block in spec.structure.blocks:
+        points[f'{block.name}/input'] = current
+        for hidden in (f'{block.name}/hidden1', f'{block.name}/hidden2'):
+            if hidden in names:
+                points[hidden] = hidden
+        current = next(s.name for s in spec.streams
+                       if block.name in s.blocks and not s.name.startswith(f'{block.name}/'))
+    points['output'] = current
+    return points

@@ -10,11 +10,20 @@ one dtype (`form_dtype`), which its forward pass computes in (`compute_dtype`) w
 precision products (`HIGHEST`, `dense`).
 """
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+# A forward pass's tap: tap(point, x) sees a named value and returns what the pass goes on with.
+Tap = Callable[[str, jax.Array], jax.Array]
+
+
+def no_tap(point: str, x: jax.Array) -> jax.Array:
+    return x
 
 
 # Variables.

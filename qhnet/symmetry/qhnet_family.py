@@ -57,8 +57,6 @@ float64) and casts the result to `dtype` once. `apply` is the pure forward pass 
 images are checked by the public functions (`families`), not here.
 """
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,8 +65,8 @@ import numpy as np
 from qhnet.models import activations
 from qhnet.models.derivative import depthwise_conv, per_channel_kernel
 from qhnet.symmetry import groups
-from qhnet.symmetry.folding import (HIGHEST, batch_norm, check_variables, compute_dtype, dense,
-                                    identity_bn, read)
+from qhnet.symmetry.folding import (HIGHEST, Tap, batch_norm, check_variables, compute_dtype,
+                                    dense, identity_bn, no_tap, read)
 from qhnet.symmetry.spec import Entry, GroupSpec, Hidden, HiddenEntry, Stream
 from qhnet.symmetry.structure import Block, Structure
 
@@ -234,8 +232,10 @@ def fold(spec: GroupSpec, variables, dtype=np.float32) -> dict:
 
 # The pure forward pass.
 
-def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> jax.Array:
-    """q(u) from the block's inference form (module docstring)."""
+def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array,
+                  tap: Tap = no_tap) -> jax.Array:
+    """q(u) from the block's inference form (module docstring); `tap` sees the elementwise
+    product as '<block>/product'."""
     m, stride, eq = structure.multiplier, block.stride, structure.equation
     sub = u[:, ::stride, ::stride]
 
@@ -247,10 +247,11 @@ def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> 
     if eq == 4:
         stream = dense(u, p['mix_in']) if 'mix_in' in p else u
         factor = dense(derivative(stream) + p['derivative_bias'], p['combine'])
-        return dense(dense(sub, p['coef']) * factor, p['mix_out']) + p['out_bias']
+        product = tap(f'{block.name}/product', dense(sub, p['coef']) * factor)
+        return dense(product, p['mix_out']) + p['out_bias']
     if eq in (3, 5):
         derivatives = derivative(dense(u, p['mix_in'])) + p['derivative_bias']
-        product = dense(sub, p['coef']) * derivatives
+        product = tap(f'{block.name}/product', dense(sub, p['coef']) * derivatives)
         if eq == 3:
             return dense(product, p['combine']) + p['out_bias']
         sums, pixels = block.n_out // block.n_in, product.shape[:-1]  # per input channel
@@ -261,14 +262,16 @@ def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array) -> 
     else:
         product = (dense(u, p['coef']) + p['coef_bias']) * jnp.repeat(dense(u, p['mix_in']), m,
                                                                       axis=-1)
+    product = tap(f'{block.name}/product', product)
     return dense(derivative(product), p['combine']) + p['out_bias']
 
 
-def forward(structure: Structure, form: dict, images: jax.Array,
-            read: Callable[[int, jax.Array], None] | None = None) -> jax.Array:
+def forward(structure: Structure, form: dict, images: jax.Array, tap: Tap = no_tap) -> jax.Array:
     """The last block's output (before pooling) of a form of JAX arrays on `images` (in the
-    dtype to compute in). `read(i, x)`, if given, sees the input x of block i and, for i = the number
-    of blocks, the last output: everything a stream is read as."""
+    dtype to compute in). `tap(point, x)` sees, and may replace, every value that a linear map
+    reads after a nonlinearity: the input of each block ('<block>/input'), its product
+    ('<block>/product') and the last block's output ('output'). A stream is read as the inputs
+    of its blocks and, for the last one, the output."""
     x = jax.lax.conv_general_dilated(
         images, form['stem']['kernel'], window_strides=structure.stem_stride,
         padding=structure.stem_padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -276,24 +279,27 @@ def forward(structure: Structure, form: dict, images: jax.Array,
     x = nn.relu(x + form['stem']['bias'])
     if structure.stem_pool:
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for index, block in enumerate(structure.blocks):
-        if read:
-            read(index, x)
+    for block in structure.blocks:
+        x = tap(f'{block.name}/input', x)
         p = form[block.name]
         shortcut = dense(x[:, ::block.stride, ::block.stride], p['shortcut']) + p['shortcut_bias']
         x = activations.get(block.activation, block.radius)(
-            shortcut + _block_update(structure, block, p, x))
-    if read:
-        read(len(structure.blocks), x)
-    return x
+            shortcut + _block_update(structure, block, p, x, tap))
+    return tap('output', x)
+
+
+def logits(structure: Structure, form: dict, images: jax.Array, tap: Tap = no_tap) -> jax.Array:
+    """The head on the pooled last output (`forward`); `tap` also sees the pooled features
+    ('pooled')."""
+    pooled = tap('pooled', jnp.mean(forward(structure, form, images, tap), axis=(1, 2)))
+    return dense(pooled, form['head']['kernel']) + form['head']['bias']
 
 
 def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
     """Logits of a QHNet's inference form on NHWC `images`, computed in the form's dtype."""
     dtype = compute_dtype(form)
     form = jax.tree_util.tree_map(jnp.asarray, form)
-    pooled = jnp.mean(forward(spec.structure, form, jnp.asarray(images, dtype)), axis=(1, 2))
-    return dense(pooled, form['head']['kernel']) + form['head']['bias']
+    return logits(spec.structure, form, jnp.asarray(images, dtype))
 
 
 # Back to the Flax model.

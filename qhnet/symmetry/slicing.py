@@ -54,7 +54,7 @@ import numpy as np
 from qhnet import models
 from qhnet.symmetry import baseline_family, groups, qhnet_family
 from qhnet.symmetry.action import act
-from qhnet.symmetry.families import check_images, fold, group_spec, unfold
+from qhnet.symmetry.families import check_images, fold, group_spec, tap_streams, unfold
 from qhnet.symmetry.folding import HIGHEST
 from qhnet.symmetry.spec import GroupSpec
 from qhnet.symmetry.structure import BaselineStructure, Structure, trace
@@ -112,29 +112,22 @@ def kept_widths(spec: GroupSpec, keep: float, slice_stem: bool = False) -> dict[
 
 # Calibration.
 
-def _stream_of_reads(spec: GroupSpec) -> tuple[list[str], str]:
-    """The stream each block reads (its input's), in block order; and the last stream."""
-    output_stream = {block: s.name for s in spec.streams for block in s.blocks}
-    reads, current = [], 'stem'
-    for block in spec.structure.blocks:
-        reads.append(current)
-        current = output_stream[block.name]
-    return reads, current
-
-
 def _moments_fn(spec: GroupSpec):
     """A jitted (form, images) -> ({stream: sum of u^T u}, {stream: number of rows u}) over
     every place a stream is read, on a QHNet's or a ResNet50's form."""
     structure = spec.structure
-    if isinstance(structure, Structure):
-        reads, last = _stream_of_reads(spec)
-        names = reads + [last]  # read i: block i's input; the last: the last block's output
+    streams = tap_streams(spec)
 
-        def forward(form, images, read):
-            qhnet_family.forward(structure, form, images, lambda i, x: read(names[i], x))
-    else:
-        def forward(form, images, read):
-            baseline_family.forward(structure, form, images, read)
+    def forward(form, images, read):
+        def tap(point, x):
+            if point in streams:
+                read(streams[point], x)
+            return x
+
+        if isinstance(structure, Structure):
+            qhnet_family.forward(structure, form, images, tap)
+        else:
+            baseline_family.forward(structure, form, images, tap)
 
     @jax.jit
     def moments(form, images):

@@ -31,8 +31,10 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
     Unlike `jax.device_put`, this works when the mesh spans devices of other processes."""
     def put(x):
         if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                            impl=jax.random.key_impl(x))
+            # A computation on a multi-process array: finished here, so that every process
+            # runs its collectives before any process starts the next (a checkpoint sync).
+            return jax.block_until_ready(jax.random.wrap_key_data(
+                put(jax.random.key_data(x)), impl=jax.random.key_impl(x)))
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.tree.map(put, tree)
