@@ -59,7 +59,7 @@ def relative(a, b) -> float:
 @pytest.mark.parametrize('activation,placement', [
     pytest.param('softball', 'ds', marks=pytest.mark.slow),
     pytest.param('hardball', 'all', marks=pytest.mark.slow),  # O(n): the CLI's keep=1 test
-    ('identity', 'ds'), ('relu', 'all')])
+    pytest.param('identity', 'ds', marks=pytest.mark.slow), ('relu', 'all')])
 def test_keep_one_is_the_same_function(images, activation, placement):
     cfg, model, variables = make_case(activation, placement)
     calibration = slicing.calibrate(cfg, variables, images)
