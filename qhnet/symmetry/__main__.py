@@ -228,16 +228,18 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
     }
 
 
-def main_slice() -> None:
+def run_and_report(run, default_output: str, summary_name: str, report) -> None:
+    """`run(--workdir, output_workdir)` (default: <workdir>/<default_output>), its summary written
+    as JSON to <output_workdir>/<summary_name> and `report(summary)` printed; a `CommandError`
+    exits with its one line."""
     try:
-        output_workdir = FLAGS.output_workdir or os.path.join(
-            FLAGS.workdir or '', f'sliced_{FLAGS.method}_{FLAGS.keep:g}')
-        summary = run_slice(FLAGS.workdir, output_workdir)
+        output_workdir = FLAGS.output_workdir or os.path.join(FLAGS.workdir or '', default_output)
+        summary = run(FLAGS.workdir, output_workdir)
     except CommandError as error:
         sys.exit(f'error: {error}')
-    with open(os.path.join(output_workdir, 'slice.json'), 'w') as f:
+    with open(os.path.join(output_workdir, summary_name), 'w') as f:
         json.dump(summary, f, indent=2)
-    print('\n'.join(slice_report(summary)))
+    print('\n'.join(report(summary)))
 
 
 def slice_report(summary: dict) -> list[str]:
@@ -307,18 +309,6 @@ def run_quantize(workdir: str, output_workdir: str) -> dict:
     }
 
 
-def main_quantize() -> None:
-    try:
-        output_workdir = FLAGS.output_workdir or os.path.join(
-            FLAGS.workdir or '', f'quantized_{FLAGS.bits}_{FLAGS.transform}')
-        summary = run_quantize(FLAGS.workdir, output_workdir)
-    except CommandError as error:
-        sys.exit(f'error: {error}')
-    with open(os.path.join(output_workdir, 'quantize.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-    print('\n'.join(quantize_report(summary)))
-
-
 def quantize_report(summary: dict) -> list[str]:
     """What `quantize` prints: each weight's and activation point's relative rounding error,
     then top-1 before and after."""
@@ -337,9 +327,11 @@ def main(argv: list[str]) -> None:
                              f'--workdir=DIR --bits=w4a4 --transform=learned; got {argv[1:]}')
     allocator.reuse_freed_memory()  # before JAX's backend starts its threads
     if argv[1] == 'slice':
-        return main_slice()
+        return run_and_report(run_slice, f'sliced_{FLAGS.method}_{FLAGS.keep:g}', 'slice.json',
+                              slice_report)
     if argv[1] == 'quantize':
-        return main_quantize()
+        return run_and_report(run_quantize, f'quantized_{FLAGS.bits}_{FLAGS.transform}',
+                              'quantize.json', quantize_report)
     try:
         if FLAGS.num_images < 1:
             raise CommandError(f'--num_images={FLAGS.num_images}: the check needs test images; '
