@@ -15,7 +15,7 @@ import pytest
 from qhnet import config, models
 from qhnet import symmetry
 from qhnet.symmetry import baseline_family, slicing
-from qhnet.symmetry.__main__ import slice_report
+from qhnet.symmetry.commands import slice_report
 from qhnet.symmetry.structure import trace
 from qhnet.symmetry.testing import random_variables
 from qhnet.models import activations

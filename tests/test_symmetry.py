@@ -547,8 +547,9 @@ def test_images_of_the_wrong_shape_are_refused(identity_model, images):
 # The chain of qhnet/symmetry (its __init__ docstring): a module imports from the package only
 # modules of earlier layers, and `groups` and `testing`, which import nothing from it.
 IMPORT_LAYERS = (('structure',), ('spec',), ('folding',), ('qhnet_family', 'baseline_family'),
-                 ('families',), ('action',), ('slicing', 'rounding', 'checks'), ('quantize',),
-                 ('__init__',), ('__main__',))
+                 ('families',), ('action',), ('slicing', 'rounding', 'checks', 'align'),
+                 ('quantize',),
+                 ('__init__',), ('commands',), ('__main__',))
 LEAVES = ('groups', 'testing')
 
 

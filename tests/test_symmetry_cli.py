@@ -1,6 +1,7 @@
-"""`python -m qhnet.symmetry verify`, `slice` and `quantize` on a real checkpoint: a QHNet trained
-for a few steps on digits is transformed, written, read back and evaluated to the same accuracy;
-sliced; quantized; bad input is refused with one line and no traceback."""
+"""`python -m qhnet.symmetry verify`, `slice`, `quantize` and `align` on a real checkpoint: a QHNet
+trained for a few steps on digits is transformed, written, read back and evaluated to the same
+accuracy; sliced; quantized; aligned to a second seed; bad input is refused with one line and no
+traceback."""
 
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 
 from qhnet import config as qhnet_config
 from qhnet import models, symmetry, training
-from qhnet.symmetry import __main__ as symmetry_main
+from qhnet.symmetry import commands
 from qhnet.symmetry.testing import random_variables
 from qhnet.training import checkpoints, preflight
 
@@ -352,7 +353,7 @@ def test_the_fine_tune_config_keeps_the_warmup_fraction_when_the_epochs_change(t
     and a valid config."""
     finetune = qhnet_config.row_config('eq3_softball', 'digits')
     (tmp_path / 'config.json').write_text(json.dumps(qhnet_config.to_json(finetune)))
-    (tmp_path / 'config.py').write_text(symmetry_main.FINETUNE_CONFIG.format(
+    (tmp_path / 'config.py').write_text(commands.FINETUNE_CONFIG.format(
         workdir='DIR', step=20, keep=0.5, method='rotate', output=str(tmp_path), stem='',
         factor=0.1, warmup_fraction=finetune.optimizer.warmup_epochs / finetune.num_epochs))
     argv = ['qhnet', f'--config={tmp_path}/config.py', '--config.num_epochs=1']
@@ -389,3 +390,82 @@ def test_the_documented_fine_tune_command_works_on_the_digits_recipe(tmp_path):
     # 23 steps.
     assert re.search(r'23 steps \(23 per epoch\), peak learning rate [0-9.e-]+ after 12 warmup',
                      finetune.stderr), finetune.stderr[-2000:]
+
+
+# align
+
+@pytest.fixture(scope='module')
+def other_workdir(tmp_path_factory) -> str:
+    """The `workdir` fixture's run with another seed."""
+    config = qhnet_config.row_config('eq3_softball', 'digits')
+    config.num_train_steps = 20
+    config.optimizer.warmup_epochs = 0.2
+    config.progress_bar = False
+    config.seed = 1
+    path = str(tmp_path_factory.mktemp('digits_seed1'))
+    training.train_and_evaluate(config, path)
+    return path
+
+
+def test_align_writes_the_aligned_model_the_midpoint_and_the_curves(workdir, other_workdir,
+                                                                    tmp_path):
+    output = str(tmp_path / 'aligned')
+    result = run_cli('align', f'--workdir={workdir}', f'--other={other_workdir}', '--repair',
+                     '--calibration_images=128', '--num_images=64', f'--output_workdir={output}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'same function' in result.stdout and 'aligned: barrier' in result.stdout
+    with open(os.path.join(output, 'align.json')) as f:
+        summary = json.load(f)
+    assert set(summary['curves']) == {'naive', 'aligned', 'aligned_repaired'}
+    assert all(len(c['alpha']) == len(c['top1']) == len(c['loss']) == 11
+               for c in summary['curves'].values())
+    assert summary['invariance']['invariant'] and summary['match'] == 'group'
+    top1 = [training.evaluate(*training.restore_variables(w)[1:])['top1']
+            for w in (workdir, other_workdir)]
+    one_image = 1 / 297  # the digits test split holds 297 images
+    for curve in summary['curves'].values():
+        assert abs(curve['top1'][0] - top1[0]) <= one_image
+        assert abs(curve['top1'][-1] - top1[1]) <= one_image
+    step, config, variables = training.restore_variables(os.path.join(output, 'aligned'))
+    assert step == 20 and config.model.mixing
+    assert abs(training.evaluate(config, variables)['top1'] - top1[1]) <= one_image
+    midpoint = summary['curves']['aligned_repaired']['top1'][5]
+    assert abs(summary['midpoint_top1'] - midpoint) <= one_image
+    assert set(summary['match_residuals']) >= {'stem', 'stage2_block1/product'}
+
+
+def saved_model(tmp_path, name: str, row: str, **model_changes) -> str:
+    """A workdir holding one checkpoint (step 20) of random variables of a digits row's model."""
+    config = qhnet_config.row_config(row, 'digits')
+    config.model.update(model_changes)
+    model = models.build(config.model)
+    checkpoints.save_variables(str(tmp_path / name), 20,
+                               random_variables(model, (1, 8, 8, 1), seed=0), config)
+    return str(tmp_path / name)
+
+
+# case: (the flags, from the trained workdir and tmp_path; what the error line says)
+def other(tmp, name: str, row: str, **model_changes) -> list[str]:
+    return [f'--other={saved_model(tmp, name, row, **model_changes)}']
+
+
+ALIGN_BAD_INPUT = {
+    'no other': (lambda w, tmp: [], '--other is missing'),
+    'other is workdir': (lambda w, tmp: [f'--other={w}'], '--other is --workdir'),
+    'other widths': (lambda w, tmp: other(tmp, 'wide', 'eq3_softball', widths=(8, 16)),
+                     '--workdir and --other hold different models (block stage1_block1'),
+    'other config': (lambda w, tmp: other(tmp, 'hard', 'eq3_softball', activation='hardball'),
+                     "activation 'hardball' in --other, 'softball' in --workdir"),
+    'baseline': (lambda w, tmp: other(tmp, 'resnet', 'resnet50'),
+                 '--workdir holds a qhnet model, --other a resnet50'),
+    'non-finite': (lambda w, tmp: [f'--other={poisoned_copy(w, tmp)[0]}'], 'are not finite'),
+}
+
+
+@pytest.mark.parametrize('case', list(ALIGN_BAD_INPUT))
+def test_align_bad_input_is_refused_with_one_line(workdir, tmp_path, case):
+    flags, says = ALIGN_BAD_INPUT[case]
+    line = error_line(run_cli('align', f'--workdir={workdir}', *flags(workdir, tmp_path),
+                              f'--output_workdir={tmp_path / "out"}'))
+    assert says in line, line
+    assert not os.path.exists(tmp_path / 'out' / 'align.json')

@@ -19,9 +19,15 @@ Low-bit inference through the group (`qhnet.symmetry.quantize`):
     quantized = quantize.quantize(spec, form, images, bits='w4a4', transform='hadamard')
     logits = quantize.apply(spec, quantized, images)
 
+Two models aligned through the group, and the line between them (`qhnet.symmetry.align`):
+
+    g = align.align(spec, form_a, form_b, images)   # moves B into A's coordinates
+    middle = align.interpolate(form_a, act(spec, form_b, g), 0.5)
+
 Command line: `python -m qhnet.symmetry verify --workdir=DIR`, `python -m qhnet.symmetry
 slice --workdir=DIR --keep=0.75 --output_workdir=OUT`, `python -m qhnet.symmetry quantize
---workdir=DIR --bits=w4a4 --transform=learned --output_workdir=OUT` (see `__main__`).
+--workdir=DIR --bits=w4a4 --transform=learned --output_workdir=OUT`, `python -m
+qhnet.symmetry align --workdir=A --other=B --output_workdir=OUT` (see `__main__`).
 
 The modules form a chain: each imports only modules above it, and the two families not each
 other (tests/test_symmetry.py, `test_imports_form_a_chain`).
@@ -38,10 +44,13 @@ other (tests/test_symmetry.py, `test_imports_form_a_chain`).
                         a ResNet50's channels pruned, for comparison
     rounding.py         integer grids for weights and activations; the quantized forward pass
     checks.py           what the command line checks before any work
+    align.py            two models aligned through the group (activation matching: Procrustes,
+                        least squares, assignments); interpolation, REPAIR, barriers
     quantize.py         the group elements applied before rounding (random, Hadamard, learned
                         rotations; SmoothQuant-style scalings) and `quantize`
     __init__.py         this public API
-    __main__.py         the command line
+    commands.py         the command line's slice, quantize and align
+    __main__.py         the command line: its flags, verify, and the subcommands
 
 `groups.py` (the matrix groups) and `testing.py` (random variables for tests) import nothing
 from the package; any module may import them.

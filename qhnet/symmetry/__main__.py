@@ -59,6 +59,21 @@ form, the activation ranges, the bits) and OUT/quantize.json (top-1 before and a
 test split, the error of every weight and activation point). It refuses, as `slice` does, a
 bad --workdir or --output_workdir, and bad --bits, an unknown --transform, a rotation of a
 model without a stream that admits one, and a model other than a QHNet or ResNet50.
+
+  python -m qhnet.symmetry align --workdir=A --other=B [--match=group] [--repair]
+      [--calibration_images=512] --output_workdir=OUT
+
+aligns the newest checkpoint of --other (B) to that of --workdir (A) through the group
+(`qhnet.symmetry.align`, identity shortcuts tied; --match=permutation: permutations only),
+checks that the aligned B computes B's function on the first --num_images test images, and
+evaluates the line between the models on the test split at 11 values of alpha, naive and
+aligned (and, with --repair, aligned with REPAIR's correction of the statistics). It writes
+OUT/aligned (B in A's coordinates) and OUT/midpoint (alpha = 0.5, repaired with --repair),
+each a checkpoint of the model (`mixing=True` for a QHNet), and OUT/align.json: the curves,
+their barriers, each set's match before and after, and the invariance check; the exit status
+is 1 if the aligned B's logits moved by more than their tolerance. It refuses, as `slice`
+does, a bad --workdir, --other or --output_workdir, and two models of different
+architectures, widths or datasets, and a model whose logits are not finite.
 """
 
 import json
@@ -71,8 +86,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qhnet import allocator, data, models, symmetry
-from qhnet import config as qhnet_config
-from qhnet.symmetry import quantize, slicing
+from qhnet.symmetry import align, commands, quantize, slicing
 from qhnet.symmetry.checks import CommandError, check_finite, check_output, first_images, restore
 from qhnet.symmetry.action import MAX_CONDITION
 from qhnet.training import checkpoints, evaluation
@@ -99,6 +113,12 @@ flags.DEFINE_string('bits', 'w8a8', 'quantize: weight and activation bits, w<bit
 flags.DEFINE_string('transform', 'none', 'quantize: the group element applied before rounding: '
                     f'one of {", ".join(quantize.TRANSFORMS)}.')
 flags.DEFINE_integer('learn_steps', 200, 'quantize: Adam steps of --transform=learned.')
+flags.DEFINE_string('other', None, 'align: the workdir of model B, aligned to --workdir\'s.')
+flags.DEFINE_enum('match', 'group', align.METHODS, 'align: match every set of channels through '
+                  'its own group, or through permutations only (Git Re-Basin).')
+flags.DEFINE_enum('gl', 'least_squares', align.GL_SOLVERS, 'align: how GL streams are matched.')
+flags.DEFINE_bool('repair', False, 'align: also evaluate the aligned line with REPAIR\'s '
+                  'correction of the statistics, and write the repaired midpoint.')
 flags.DEFINE_enum('method', 'rotate', slicing.METHODS, 'slice: rotate to the principal axes '
                   '(where the group allows), select channels by variance, or by weight norm.')
 
@@ -150,88 +170,10 @@ def run(workdir: str, output_workdir: str) -> dict:
     }
 
 
-FINETUNE_CONFIG = '''"""The model sliced from {workdir} (step {step})
-by `python -m qhnet.symmetry slice --keep={keep:g} --method={method}{stem}`. Fine-tune it
-(config.init_from starts from its variables; the recipe's schedule at {factor:g} times its peak
-learning rate, optimizer.base_lr, with the warmup the same fraction of the epochs):
-
-  python -m qhnet.main --config={output}/config.py --workdir={output}/finetune --config.num_epochs=1
-"""
-
-import json
-import os
-
-from qhnet import config
-
-
-def get_config():
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
-        finetune = config.from_json(json.load(f))
-    # --config.num_epochs=N keeps the warmup at the same fraction of the training.
-    finetune.optimizer.warmup_epochs = finetune.get_ref('num_epochs') * {warmup_fraction!r}
-    return finetune
-'''
-
-
-def run_slice(workdir: str, output_workdir: str) -> dict:
-    if not 0 < FLAGS.keep <= 1:
-        raise CommandError(f'--keep={FLAGS.keep:g} is the fraction of each stream to keep; pass '
-                           'a number in (0, 1]')
-    if not FLAGS.finetune_lr_factor > 0:
-        raise CommandError(f'--finetune_lr_factor={FLAGS.finetune_lr_factor:g} scales the '
-                           'fine-tuning learning rate; pass a number > 0')
-    if FLAGS.calibration_images < 1:
-        raise CommandError(f'--calibration_images={FLAGS.calibration_images}: slicing needs '
-                           'training images; pass --calibration_images=N with N >= 1')
-    restored = restore(workdir, FLAGS.trust_unverified)
-    step, config, variables = restored
-    check_output(workdir, output_workdir, step)
-    if config.model.name != 'qhnet' or config.model.equation != 3:
-        raise CommandError(f'slicing covers QHNets of Eq. (3) for now; {workdir} holds a '
-                           f'{config.model.name} (equation {config.model.equation}); slice an '
-                           'Eq. (3) model (configs/eq3_*.py)')
-    dataset = data.open_dataset(config.data)
-    images = first_images(dataset, 'train', FLAGS.calibration_images)
-    spec = symmetry.group_spec(restored)
-    check_finite(spec, symmetry.fold(spec, restored), images, step, variables)
-    sliced = slicing.slice_variables(config, variables, images, FLAGS.keep, FLAGS.method,
-                                     slice_stem=FLAGS.slice_stem)
-    output = os.path.abspath(output_workdir)
-    checkpoints.save_variables(output, step, sliced.variables, sliced.config)
-    finetune = sliced.config.copy_and_resolve_references()
-    finetune.init_from = output
-    finetune.optimizer.base_lr *= FLAGS.finetune_lr_factor
-    with open(os.path.join(output, 'config.json'), 'w') as f:
-        json.dump(qhnet_config.to_json(finetune), f, indent=2)
-    with open(os.path.join(output, 'config.py'), 'w') as f:
-        f.write(FINETUNE_CONFIG.format(workdir=os.path.abspath(workdir), step=step,
-                                       keep=FLAGS.keep, method=FLAGS.method, output=output,
-                                       stem=' --slice_stem' if FLAGS.slice_stem else '',
-                                       factor=FLAGS.finetune_lr_factor,
-                                       warmup_fraction=(finetune.optimizer.warmup_epochs
-                                                        / finetune.num_epochs)))
-    _, reloaded_config, reloaded = checkpoints.restore_variables(output)  # what was written
-    return {
-        'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
-        'keep': FLAGS.keep, 'method': FLAGS.method, 'slice_stem': FLAGS.slice_stem,
-        'finetune_base_lr': finetune.optimizer.base_lr,
-        'calibration_images': int(len(images)),
-        'stream_widths': list(sliced.config.model.stream_widths),
-        'params_before': slicing.count_params(variables),
-        'params_after': slicing.count_params(reloaded),
-        'top1_before': evaluation.evaluate(config, variables, dataset=dataset)['top1'],
-        'top1_after': evaluation.evaluate(reloaded_config, reloaded, dataset=dataset)['top1'],
-        'streams': [dict(name=s.name, group=s.group, width=s.width, kept=s.kept,
-                         rotated=s.rotated, explained_variance=s.explained_variance,
-                         flops_before=2 * s.macs_before, flops_after=2 * s.macs_after)
-                    for s in sliced.streams],
-    }
-
-
-def run_and_report(run, default_output: str, summary_name: str, report) -> None:
+def run_and_report(run, default_output: str, summary_name: str, report) -> dict:
     """`run(--workdir, output_workdir)` (default: <workdir>/<default_output>), its summary written
-    as JSON to <output_workdir>/<summary_name> and `report(summary)` printed; a `CommandError`
-    exits with its one line."""
+    as JSON to <output_workdir>/<summary_name> and `report(summary)` printed, and returned; a
+    `CommandError` exits with its one line."""
     try:
         output_workdir = FLAGS.output_workdir or os.path.join(FLAGS.workdir or '', default_output)
         summary = run(FLAGS.workdir, output_workdir)
@@ -240,98 +182,32 @@ def run_and_report(run, default_output: str, summary_name: str, report) -> None:
     with open(os.path.join(output_workdir, summary_name), 'w') as f:
         json.dump(summary, f, indent=2)
     print('\n'.join(report(summary)))
-
-
-def slice_report(summary: dict) -> list[str]:
-    """What `slice` prints: each stream, the totals, a note where no stream could rotate, and
-    the fine-tuning command."""
-    lines = [f'{s["name"]:>16}: {s["kept"]:>4} of {s["width"]:>4} channels '
-             f'({"rotated" if s["rotated"] else "selected"}), explained variance '
-             f'{s["explained_variance"]:.4f}, MFLOPs per image {s["flops_before"] / 1e6:.2f} -> '
-             f'{s["flops_after"] / 1e6:.2f}' for s in summary['streams']]
-    cut = [s for s in summary['streams'] if s['kept'] < s['width']]
-    if summary['method'] == 'rotate' and cut and not any(s['rotated'] for s in cut):
-        lines.append('note: no stream of this model admits a rotation (its activations admit '
-                     'only permutations and scalings), so it was sliced with permutations only: '
-                     'the channels of largest variance, as --method=select')
-    output = os.path.abspath(summary['output_workdir'])
-    return lines + [
-        f'parameters {summary["params_before"]:,} -> {summary["params_after"]:,}; test top-1 '
-        f'{summary["top1_before"]:.4f} -> {summary["top1_after"]:.4f}',
-        f'wrote the sliced model to {summary["output_workdir"]}; fine-tune it with\n  python -m '
-        f'qhnet.main --config={output}/config.py --workdir={output}/finetune '
-        '--config.num_epochs=1']
-
-
-QUANTIZED_DIR = 'quantized_form'
-
-
-def run_quantize(workdir: str, output_workdir: str) -> dict:
-    try:
-        bits = quantize.parse_bits(FLAGS.bits)
-        quantize.parse_transform(FLAGS.transform)
-    except ValueError as error:
-        raise CommandError(f'--bits/--transform: {error}') from error
-    if FLAGS.calibration_images < 1:
-        raise CommandError(f'--calibration_images={FLAGS.calibration_images}: quantizing needs '
-                           'training images; pass --calibration_images=N with N >= 1')
-    if FLAGS.learn_steps < 1:
-        raise CommandError(f'--learn_steps={FLAGS.learn_steps}; pass a number >= 1')
-    restored = restore(workdir, FLAGS.trust_unverified)
-    step, config, variables = restored
-    check_output(workdir, output_workdir, step)
-    spec = symmetry.group_spec(restored, tie_identity_shortcuts=True)
-    try:
-        quantize.check_supported(spec, FLAGS.transform)
-    except ValueError as error:
-        raise CommandError(str(error)) from error
-    dataset = data.open_dataset(config.data)
-    images = first_images(dataset, 'train', FLAGS.calibration_images)
-    form = symmetry.fold(spec, restored)
-    check_finite(spec, form, images, step, variables)
-    quantized = quantize.quantize(spec, form, images, bits, FLAGS.transform, seed=FLAGS.seed,
-                                  steps=FLAGS.learn_steps)
-    path = os.path.join(os.path.abspath(output_workdir), QUANTIZED_DIR)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, quantize.to_tree(quantized), force=True)
-        checkpointer.wait_until_finished()
-    return {
-        'workdir': workdir, 'output_workdir': output_workdir, 'step': int(step),
-        'bits': str(bits), 'transform': FLAGS.transform, 'seed': FLAGS.seed,
-        'calibration_images': int(len(images)),
-        'top1_before': evaluation.evaluate(config, variables, dataset=dataset)['top1'],
-        'top1_after': evaluation.evaluate(config, quantized.variables(),
-                                          logits_fn=quantize.logits_fn(spec, bits),
-                                          dataset=dataset)['top1'],
-        'weight_error': quantized.weight_errors,
-        'activation_error': quantized.activation_errors,
-        'activation_range': {p: [float(v) for v in r] for p, r in quantized.ranges.items()},
-    }
-
-
-def quantize_report(summary: dict) -> list[str]:
-    """What `quantize` prints: each weight's and activation point's relative rounding error,
-    then top-1 before and after."""
-    errors = {**summary['weight_error'], **summary['activation_error']}
-    return [f'{name:>28}: {error:.3f}' for name, error in errors.items()] + [
-        f'{summary["bits"]}, transform {summary["transform"]}: test top-1 '
-        f'{summary["top1_before"]:.4f} (float) -> {summary["top1_after"]:.4f}',
-        f'wrote the quantized form and quantize.json to {summary["output_workdir"]}']
+    return summary
 
 
 def main(argv: list[str]) -> None:
-    if argv[1:] not in (['verify'], ['slice'], ['quantize']):
+    if argv[1:] not in (['verify'], ['slice'], ['quantize'], ['align']):
         raise app.UsageError('usage: python -m qhnet.symmetry verify --workdir=DIR, '
                              'python -m qhnet.symmetry slice --workdir=DIR --keep=0.75 '
-                             '--output_workdir=OUT, or python -m qhnet.symmetry quantize '
-                             f'--workdir=DIR --bits=w4a4 --transform=learned; got {argv[1:]}')
+                             '--output_workdir=OUT, python -m qhnet.symmetry quantize '
+                             '--workdir=DIR --bits=w4a4 --transform=learned, or python -m '
+                             'qhnet.symmetry align --workdir=A --other=B --output_workdir=OUT; '
+                             f'got {argv[1:]}')
     allocator.reuse_freed_memory()  # before JAX's backend starts its threads
     if argv[1] == 'slice':
-        return run_and_report(run_slice, f'sliced_{FLAGS.method}_{FLAGS.keep:g}', 'slice.json',
-                              slice_report)
+        run_and_report(commands.run_slice, f'sliced_{FLAGS.method}_{FLAGS.keep:g}', 'slice.json',
+                       commands.slice_report)
+        return
     if argv[1] == 'quantize':
-        return run_and_report(run_quantize, f'quantized_{FLAGS.bits}_{FLAGS.transform}',
-                              'quantize.json', quantize_report)
+        run_and_report(commands.run_quantize, f'quantized_{FLAGS.bits}_{FLAGS.transform}',
+                       'quantize.json', commands.quantize_report)
+        return
+    if argv[1] == 'align':
+        summary = run_and_report(commands.run_align, f'aligned_{FLAGS.match}', 'align.json',
+                                 commands.align_report)
+        if not summary['invariance']['invariant']:
+            sys.exit(1)
+        return
     try:
         if FLAGS.num_images < 1:
             raise CommandError(f'--num_images={FLAGS.num_images}: the check needs test images; '

@@ -56,8 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qhnet.symmetry import groups
-from qhnet.symmetry.folding import (HIGHEST, Tap, batch_norm, check_variables, compute_dtype,
-                                    dense, identity_bn, no_tap, read)
+from qhnet.symmetry.folding import (HIGHEST, Tap, batch_norm, bn_point, check_variables,
+                                    compute_dtype, dense, identity_bn, no_tap, read)
 from qhnet.symmetry.spec import Entry, GroupSpec, Stream
 from qhnet.symmetry.structure import BaselineStructure, Bottleneck, Layer
 
@@ -186,45 +186,59 @@ def apply(spec: GroupSpec, form: dict, images: jax.Array) -> jax.Array:
 
 
 def forward(structure: BaselineStructure, form: dict, x: jax.Array,
-            tap: Tap | None = None) -> jax.Array:
-    """The equations of the module docstring: logits of a form of JAX arrays. For a ResNet50,
-    `tap(point, x)`, if given, sees and may replace every value that a layer reads after a
-    nonlinearity: each block's input ('<block>/input') and hidden activations
-    ('<block>/hidden1', '<block>/hidden2'), the last block's output ('output') and the pooled
-    features ('pooled')."""
+            tap: Tap = no_tap) -> jax.Array:
+    """The equations of the module docstring: logits of a form of JAX arrays. `tap(point, x)`
+    sees and may replace every value that a layer reads after a nonlinearity: each block's
+    input ('<block>/input'), a ResNet50's hidden activations ('<block>/hidden1',
+    '<block>/hidden2'), a MobileNetV3's expanded and squeezed channels ('<block>/expanded',
+    '<block>/squeeze') and its depthwise output after the gate ('<block>/depthwise'), the last
+    block's output ('output'), MobileNet's head activations ('last_conv', 'fc1') and the
+    pooled features ('pooled'); and every value a BatchNorm wrote in the trained model,
+    before its activation (`bn_layers`)."""
 
     def affine(layer, x):
-        return _affine(layer, form[layer.path], x)
+        y = _affine(layer, form[layer.path], x)
+        return tap(bn_point(layer.path), y) if layer.bn else y
 
     if structure.model == 'ResNet50':
-        seen = tap or no_tap
         x = nn.relu(affine(structure.stem, x))
         if structure.stem_pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in structure.blocks:
             first, middle, last = block.convs
-            x = seen(f'{block.name}/input', x)
-            hidden = seen(f'{block.name}/hidden1', nn.relu(affine(first, x)))
-            hidden = seen(f'{block.name}/hidden2', nn.relu(affine(middle, hidden)))
+            x = tap(f'{block.name}/input', x)
+            hidden = tap(f'{block.name}/hidden1', nn.relu(affine(first, x)))
+            hidden = tap(f'{block.name}/hidden2', nn.relu(affine(middle, hidden)))
             x = nn.relu((affine(block.shortcut, x) if block.shortcut else x) + affine(last, hidden))
-        pooled = seen('pooled', jnp.mean(seen('output', x), axis=(1, 2)))
+        pooled = tap('pooled', jnp.mean(tap('output', x), axis=(1, 2)))
         return affine(structure.head[0], pooled)
-    if tap:
-        raise NotImplementedError('taps are implemented for ResNet50 only')
     x = nn.hard_swish(affine(structure.stem, x))
     for block in structure.blocks:
+        x = tap(f'{block.name}/input', x)
         act = getattr(jax.nn, block.activation)
-        expanded = act(affine(block.expand, x)) if block.expand else x
+        expanded = (tap(f'{block.name}/expanded', act(affine(block.expand, x))) if block.expand
+                    else x)
         expanded = act(affine(block.depthwise, expanded))
         if block.squeeze:
             fc1, fc2 = block.squeeze
-            squeezed = nn.relu(affine(fc1, jnp.mean(expanded, axis=(1, 2), keepdims=True)))
+            squeezed = tap(f'{block.name}/squeeze', nn.relu(
+                affine(fc1, jnp.mean(expanded, axis=(1, 2), keepdims=True))))
             expanded = expanded * nn.hard_sigmoid(affine(fc2, squeezed))
-        y = affine(block.project, expanded)
+        y = affine(block.project, tap(f'{block.name}/depthwise', expanded))
         x = x + y if block.residual else y
     last_conv, fc1, fc2 = structure.head
-    x = jnp.mean(nn.hard_swish(affine(last_conv, x)), axis=(1, 2))
-    return affine(fc2, nn.hard_swish(affine(fc1, x)))
+    x = tap(last_conv.path, nn.hard_swish(affine(last_conv, tap('output', x))))
+    x = tap('pooled', jnp.mean(x, axis=(1, 2)))
+    return affine(fc2, tap(fc1.path, nn.hard_swish(affine(fc1, x))))
+
+
+def bn_layers(structure: BaselineStructure) -> dict[str, tuple[list[tuple[str, str, int]],
+                                                                 tuple]]:
+    """{BN point: ([(layer, 'kernel', output axis)], (layer, 'bias'))}: the arrays that a
+    per-channel affine correction of the value at the point rescales, for every layer that
+    had a BatchNorm."""
+    return {bn_point(layer.path): ([(layer.path, 'kernel', -1)], (layer.path, 'bias'))
+            for layer in structure.layers() if layer.bn}
 
 
 _forward = jax.jit(forward, static_argnums=0)

@@ -8,6 +8,7 @@ model (`check_form`) and that images fit its stem (`check_images`).
 """
 
 import dataclasses
+from typing import Callable
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from qhnet.symmetry import baseline_family, qhnet_family
 from qhnet.symmetry.folding import short_list
 from qhnet.symmetry.spec import GroupSpec
-from qhnet.symmetry.structure import BaselineStructure, Structure, trace
+from qhnet.symmetry.structure import BaselineStructure, InvertedResidual, Structure, trace
 
 FAMILIES = {Structure: qhnet_family, BaselineStructure: baseline_family}
 
@@ -47,7 +48,7 @@ def _is_restored(value) -> bool:
     return all(hasattr(value, name) for name in ('step', 'config', 'variables'))
 
 
-def _structure_difference(spec: GroupSpec, stored) -> str | None:
+def structure_difference(spec: GroupSpec, stored) -> str | None:
     """How the model of a checkpoint's stored config differs from the spec's, or None."""
     if stored == spec.structure:
         return None
@@ -66,7 +67,6 @@ def _structure_difference(spec: GroupSpec, stored) -> str | None:
         elif ours != theirs:
             return f'{field.name} {theirs!r:.80} in the checkpoint, {ours!r:.80} in the spec'
     return 'their structures differ'
-
 
 
 def form_keys(structure) -> dict[str, tuple[str, ...]]:
@@ -134,7 +134,7 @@ def fold(spec: GroupSpec, variables, dtype=np.float32) -> dict:
     another activation).
     """
     if _is_restored(variables):
-        difference = _structure_difference(spec, trace(variables.config.model))
+        difference = structure_difference(spec, trace(variables.config.model))
         if difference:
             raise ValueError(
                 f'the checkpoint (step {variables.step}) holds a model other than the spec\'s '
@@ -168,18 +168,38 @@ def unfold(spec: GroupSpec, form: dict, dtype=np.float32) -> dict:
     return family(spec.structure).unfold(spec, form, dtype)
 
 
+def tapped_logits(spec: GroupSpec) -> Callable:
+    """(form of JAX arrays, images, tap) -> logits, through the family's tap points
+    (`qhnet_family.forward`, `baseline_family.forward`)."""
+    if isinstance(spec.structure, Structure):
+        return lambda form, images, tap: qhnet_family.logits(spec.structure, form, images, tap)
+    return lambda form, images, tap: baseline_family.forward(spec.structure, form, images, tap)
+
+
+def bn_layers(structure) -> dict[str, tuple[list[tuple[str, str, int]], tuple[str, str]]]:
+    """{BN point: ([(layer, key, axis)], (layer, bias key))}: the arrays that a per-channel
+    affine correction of the value at each BN point rescales (the family's `bn_layers`)."""
+    return family(structure).bn_layers(structure)
+
+
 def tap_streams(spec: GroupSpec) -> dict[str, str]:
-    """The stream that each tap point of the forward pass reads ('<block>/input', a ResNet50's
-    '<block>/hidden1' and '<block>/hidden2', and 'output'), by name. Products and pooled features
-    lie on no stream and are not listed."""
+    """The stream that each tap point of the forward pass reads, by name: '<block>/input', a
+    block's own streams ('<block>/hidden1' and '<block>/hidden2' of a ResNet50,
+    '<block>/expanded' and '<block>/squeeze' of a MobileNetV3), a MobileNetV3's
+    '<block>/depthwise' (on the expanded stream, or on the input's where the block does not
+    expand), 'output', and a MobileNetV3's head activations ('last_conv', 'fc1'). Products,
+    pooled features and BN points lie on no stream and are not listed."""
     names = [s.name for s in spec.streams]
     points, current = {}, 'stem'
     for block in spec.structure.blocks:
         points[f'{block.name}/input'] = current
-        for hidden in (f'{block.name}/hidden1', f'{block.name}/hidden2'):
-            if hidden in names:
-                points[hidden] = hidden
+        points.update({name: name for name in names if name.startswith(f'{block.name}/')})
+        if isinstance(block, InvertedResidual):
+            expanded = f'{block.name}/expanded'
+            points[f'{block.name}/depthwise'] = expanded if expanded in names else current
         current = next(s.name for s in spec.streams
                        if block.name in s.blocks and not s.name.startswith(f'{block.name}/'))
     points['output'] = current
+    if isinstance(spec.structure, BaselineStructure):
+        points.update({layer.path: layer.path for layer in spec.structure.head[:-1]})
     return points

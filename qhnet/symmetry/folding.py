@@ -26,6 +26,17 @@ def no_tap(point: str, x: jax.Array) -> jax.Array:
     return x
 
 
+def bn_point(layer: str) -> str:
+    """The tap point of the value that a BatchNorm wrote in the trained model, after `layer`
+    (its map folded into that layer): 'bn:<layer>'. A linear map reads such values only
+    through the activation after them, so they are corrected (`align.repair`), not rounded."""
+    return f'bn:{layer}'
+
+
+def is_bn_point(point: str) -> bool:
+    return point.startswith('bn:')
+
+
 # Variables.
 
 def read(tree, *path: str) -> np.ndarray:

@@ -65,8 +65,8 @@ import numpy as np
 from qhnet.models import activations
 from qhnet.models.derivative import depthwise_conv, per_channel_kernel
 from qhnet.symmetry import groups
-from qhnet.symmetry.folding import (HIGHEST, Tap, batch_norm, check_variables, compute_dtype,
-                                    dense, identity_bn, no_tap, read)
+from qhnet.symmetry.folding import (HIGHEST, Tap, batch_norm, bn_point, check_variables,
+                                    compute_dtype, dense, identity_bn, no_tap, read)
 from qhnet.symmetry.spec import Entry, GroupSpec, Hidden, HiddenEntry, Stream
 from qhnet.symmetry.structure import Block, Structure
 
@@ -271,21 +271,39 @@ def forward(structure: Structure, form: dict, images: jax.Array, tap: Tap = no_t
     dtype to compute in). `tap(point, x)` sees, and may replace, every value that a linear map
     reads after a nonlinearity: the input of each block ('<block>/input'), its product
     ('<block>/product') and the last block's output ('output'). A stream is read as the inputs
-    of its blocks and, for the last one, the output."""
+    of its blocks and, for the last one, the output. It also sees the values a BatchNorm wrote
+    in the trained model (`bn_layers`): the stem's, each block's update and projection."""
     x = jax.lax.conv_general_dilated(
         images, form['stem']['kernel'], window_strides=structure.stem_stride,
         padding=structure.stem_padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         precision=HIGHEST)
-    x = nn.relu(x + form['stem']['bias'])
+    x = nn.relu(tap(bn_point('stem'), x + form['stem']['bias']))
     if structure.stem_pool:
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in structure.blocks:
         x = tap(f'{block.name}/input', x)
         p = form[block.name]
         shortcut = dense(x[:, ::block.stride, ::block.stride], p['shortcut']) + p['shortcut_bias']
-        x = activations.get(block.activation, block.radius)(
-            shortcut + _block_update(structure, block, p, x, tap))
+        if block.projection:
+            shortcut = tap(bn_point(f'{block.name}/shortcut'), shortcut)
+        update = tap(bn_point(f'{block.name}/update'), _block_update(structure, block, p, x, tap))
+        x = activations.get(block.activation, block.radius)(shortcut + update)
     return tap('output', x)
+
+
+def bn_layers(structure: Structure) -> dict[str, tuple[list[tuple[str, str, int]], tuple]]:
+    """{BN point: ([(layer, key, axis) of the maps that write it], (layer, bias key))}: the
+    arrays that a per-channel affine correction x -> x s + t of the value at the point
+    rescales (`folding.bn_point`): the stem, each block's update q(u) and projection."""
+    last = 'mix_out' if structure.equation in (4, 5) else 'combine'
+    layers = {bn_point('stem'): ([('stem', 'kernel', 3)], ('stem', 'bias'))}
+    for block in structure.blocks:
+        if block.projection:
+            layers[bn_point(f'{block.name}/shortcut')] = (
+                [(block.name, 'shortcut', 1)], (block.name, 'shortcut_bias'))
+        layers[bn_point(f'{block.name}/update')] = ([(block.name, last, 1)],
+                                                    (block.name, 'out_bias'))
+    return layers
 
 
 def logits(structure: Structure, form: dict, images: jax.Array, tap: Tap = no_tap) -> jax.Array:

@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qhnet.symmetry import baseline_family, qhnet_family
+from qhnet.symmetry import families
 from qhnet.symmetry.families import check_images
+from qhnet.symmetry.folding import is_bn_point
 from qhnet.symmetry.spec import GroupSpec
-from qhnet.symmetry.structure import Structure
+from qhnet.symmetry.structure import BaselineStructure
 
 CLIP_RATIOS = tuple(float(r) for r in np.linspace(1.0, 0.3, 15))
 WEIGHT_KEYS = ('kernel', 'coef', 'derivative', 'mix_in', 'combine', 'mix_out', 'shortcut')
@@ -62,21 +63,19 @@ def parse_bits(bits: str | Bits) -> Bits:
     return parsed
 
 
-def check_model(spec: GroupSpec):
-    """The family module of a model the rounding covers (a QHNet or a ResNet50); a ValueError
-    for the others."""
-    if isinstance(spec.structure, Structure):
-        return qhnet_family
-    if spec.structure.model != 'ResNet50':
+def check_model(spec: GroupSpec) -> None:
+    """A ValueError unless the rounding covers the model: a QHNet or a ResNet50."""
+    if isinstance(spec.structure, BaselineStructure) and spec.structure.model != 'ResNet50':
         raise ValueError(f'quantization covers QHNets and ResNet50; this model is a '
-                         f'{spec.structure.model}, whose forward pass has no tap points yet')
-    return baseline_family
+                         f'{spec.structure.model} (its squeeze-excite gates and hard-swish '
+                         'head have no integer path here); quantize a QHNet or a ResNet50')
 
 
 def is_quantized(point: str) -> bool:
     """Whether the activation at a tap point is quantized: all but the last block's unpooled
-    output, which the head reads only through the pooling ('pooled')."""
-    return point != 'output'
+    output, which the head reads only through the pooling ('pooled'), and the values before an
+    activation (`folding.is_bn_point`)."""
+    return point != 'output' and not is_bn_point(point)
 
 
 # The integer grids.
@@ -143,11 +142,10 @@ def straight_through(x, rounded):
 # Calibration and the quantized forward pass.
 
 def tapped_logits(spec: GroupSpec) -> Callable:
-    """(form of JAX arrays, images, tap) -> logits, through the family's tap points."""
-    family = check_model(spec)
-    if family is qhnet_family:
-        return lambda form, images, tap: qhnet_family.logits(spec.structure, form, images, tap)
-    return lambda form, images, tap: baseline_family.forward(spec.structure, form, images, tap)
+    """(form of JAX arrays, images, tap) -> logits, through the family's tap points, for a
+    model the rounding covers (`check_model`)."""
+    check_model(spec)
+    return families.tapped_logits(spec)
 
 
 @functools.lru_cache(maxsize=16)
@@ -263,7 +261,8 @@ def straight_through_weights(form: dict, bits: int) -> dict:
 
 def point_statistics(spec: GroupSpec, form: dict, images: np.ndarray,
                      statistic: Callable[[jax.Array], jax.Array]) -> dict[str, np.ndarray]:
-    """statistic(x) of the float value x at every tap point, on `images`."""
+    """statistic(x) of the float value x at every activation point (every tap point but the
+    BN points), on `images`."""
     logits = tapped_logits(spec)
 
     @jax.jit
@@ -271,7 +270,8 @@ def point_statistics(spec: GroupSpec, form: dict, images: np.ndarray,
         found = {}
 
         def tap(point, x):
-            found[point] = statistic(x)
+            if not is_bn_point(point):
+                found[point] = statistic(x)
             return x
 
         logits(form, images, tap)

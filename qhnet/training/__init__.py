@@ -26,7 +26,7 @@ import importlib
 
 _EXPORTS = {
     'train_and_evaluate': 'loop', 'TrainingDivergedError': 'loop', 'SUMMARY_FILE': 'loop',
-    'evaluate': 'evaluation',
+    'evaluate': 'evaluation', 'evaluator': 'evaluation',
     'restore_variables': 'checkpoints', 'save_variables': 'checkpoints',
     'CheckpointWriteError': 'checkpoints', 'CheckpointRestoreError': 'checkpoints',
     'IncompatibleWorkdirError': 'workdirs', 'WorkdirError': 'workdirs',

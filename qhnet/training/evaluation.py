@@ -68,9 +68,18 @@ def evaluate(config: ml_collections.ConfigDict, variables: Any, split: str = 'te
     `config.data` (or of `dataset`, opened already), sharded over all devices: of `variables`
     (a model of `config.model`), or of whatever `logits_fn(variables, images)` computes (e.g.
     an inference form's logits; images normalised)."""
+    return evaluator(config, split, logits_fn, dataset)(variables)
+
+
+def evaluator(config: ml_collections.ConfigDict, split: str = 'test',
+              logits_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
+              dataset: data.Dataset | None = None) -> Callable[[Any], dict[str, float]]:
+    """`evaluate` as a function of the variables alone, compiled once: for evaluating many
+    variables of one model (the points of a line between two models)."""
     mesh = feeding.make_mesh()
     dataset = dataset or data.open_dataset(config.data)
-    variables = feeding.replicate(variables, feeding.replicated(mesh))
     logits_fn = logits_fn or eval_logits(models.build(config.model))
-    return evaluate_split(jit_eval_step(mesh, logits_fn, dataset.info), variables, config,
-                          dataset, mesh, split)
+    eval_fn = jit_eval_step(mesh, logits_fn, dataset.info)
+    return lambda variables: evaluate_split(
+        eval_fn, feeding.replicate(variables, feeding.replicated(mesh)), config, dataset, mesh,
+        split)
