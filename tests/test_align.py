@@ -76,7 +76,7 @@ def line_metrics(spec, images, labels):
     return evaluate
 
 
-@pytest.mark.parametrize('row', ('eq3_softball', 'eq3_softball:identity', 'eq4', 'resnet50'))
+@pytest.mark.parametrize('row', ROWS)
 def test_aligning_a_transformed_copy_recovers_the_element_and_leaves_no_barrier(images, digits,
                                                                                 row):
     with jax.enable_x64(True):
