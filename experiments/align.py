@@ -62,8 +62,7 @@ def run_pair(workdir_a: str, workdir_b: str, label: str, args, progress) -> dict
             result['residuals'][match] = align.residuals(spec, form_a, form_b, element, images)
         end = aligned[match] if match else form_b
         alphas = REPAIR_ALPHAS if repaired else align.ALPHAS
-        correct = ((lambda form, alpha, end=end: align.repair(spec, form, form_a, end, images,
-                                                                alpha)) if repaired else None)
+        correct = align.repairer(spec, form_a, end, images) if repaired else None
         inner = align.curve(form_a, end, evaluate, alphas[1:-1], correct=correct)
         curve = {'alpha': list(alphas),
                  **{key: [ends[0][key]] + inner[key] + [ends[1][key]] for key in ('loss', 'top1')}}
@@ -205,7 +204,6 @@ def main(argv=None) -> None:
             report['pairs'].append(run_pair(workdir_a, workdir_b, label,
                                             argparse.Namespace(**{**vars(args), 'layers': layers}),
                                             progress))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     text = markdown(report)
     timing.write_report(args.out, text, report)
     plot(report, args.out + '.png')

@@ -237,7 +237,6 @@ def main(argv=None) -> None:
     with tqdm(total=total, desc='quantize', unit='model') as progress:
         for workdir, label in jobs:
             report['runs'].append(run_workdir(workdir, label, args, progress))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     text = markdown(report)
     timing.write_report(args.out, text, report)
     plot(report, args.out + '.png')

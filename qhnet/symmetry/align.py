@@ -33,7 +33,8 @@ for an enormous one.
 forms. `repair` is REPAIR's correction (Jordan et al., 2023): at every value that a
 BatchNorm wrote in the trained models (`folding.bn_point`), a per-channel affine map gives
 the interpolated model the interpolation of the endpoints' means and standard deviations on
-the calibration images; it is folded into the layer that writes the value. `barriers` reads
+the calibration images; it is folded into the layer that writes the value (`repairer`
+measures the endpoints once, for a line's many alphas). `barriers` reads
 the largest rise of the loss above, and drop of top-1 below, the endpoints' straight line.
 """
 
@@ -324,29 +325,41 @@ def _bn_statistics_fn(spec: GroupSpec) -> Callable:
     return statistics
 
 
-def repair(spec: GroupSpec, form: dict, form_a: dict, form_b: dict, images: np.ndarray,
-           alpha: float) -> dict:
-    """`form` (the interpolation of A and B at `alpha`) with REPAIR's correction folded in
-    (module docstring), measured on `images` in one batch."""
-    check_images(spec, form, images)
+def repairer(spec: GroupSpec, form_a: dict, form_b: dict,
+             images: np.ndarray) -> Callable[[dict, float], dict]:
+    """correct(form, alpha): `form` (the interpolation of A and B at `alpha`) with REPAIR's
+    correction folded in (module docstring), measured on `images` in one batch. The endpoints'
+    statistics are measured once, here, for every alpha."""
+    check_images(spec, form_a, images)
     statistics = _bn_statistics_fn(spec)
-    dtype = form_dtype(form)
+    dtype = form_dtype(form_a)
     images = jnp.asarray(images, dtype)
     ends = [statistics(jax.tree.map(jnp.asarray, f), images, None)[0] for f in (form_a, form_b)]
-    targets = {point: tuple((1 - alpha) * a + alpha * b for a, b in zip(ends[0][point],
-                                                                         ends[1][point]))
-               for point in ends[0]}
-    _, corrections = statistics(jax.tree.map(jnp.asarray, form), images, targets)
-    new = {layer: {key: np.asarray(x, np.float64) for key, x in arrays.items()}
-           for layer, arrays in form.items()}
-    for point, (maps, (layer, bias)) in bn_layers(spec.structure).items():
-        s, t = (np.asarray(v, np.float64) for v in corrections[point])
-        for name, key, axis in maps:
-            shape = [1] * new[name][key].ndim
-            shape[axis] = -1
-            new[name][key] = new[name][key] * s.reshape(shape)
-        new[layer][bias] = new[layer][bias] * s + t
-    return jax.tree.map(lambda x: x.astype(dtype), new)
+
+    def correct(form: dict, alpha: float) -> dict:
+        targets = {point: tuple((1 - alpha) * a + alpha * b
+                                for a, b in zip(ends[0][point], ends[1][point]))
+                   for point in ends[0]}
+        _, corrections = statistics(jax.tree.map(jnp.asarray, form), images, targets)
+        new = {layer: {key: np.asarray(x, np.float64) for key, x in arrays.items()}
+               for layer, arrays in form.items()}
+        for point, (maps, (layer, bias)) in bn_layers(spec.structure).items():
+            s, t = (np.asarray(v, np.float64) for v in corrections[point])
+            for name, key, axis in maps:
+                shape = [1] * new[name][key].ndim
+                shape[axis] = -1
+                new[name][key] = new[name][key] * s.reshape(shape)
+            new[layer][bias] = new[layer][bias] * s + t
+        return jax.tree.map(lambda x: x.astype(dtype), new)
+
+    return correct
+
+
+def repair(spec: GroupSpec, form: dict, form_a: dict, form_b: dict, images: np.ndarray,
+           alpha: float) -> dict:
+    """`form`, the interpolation of A and B at `alpha`, with REPAIR's correction folded in
+    (`repairer`, for one alpha)."""
+    return repairer(spec, form_a, form_b, images)(form, alpha)
 
 
 def barriers(curve: dict) -> dict[str, float]:
@@ -365,7 +378,7 @@ def curve(form_a: dict, form_b: dict, evaluate: Callable[[dict], dict], alphas=A
           correct: Callable[[dict, float], dict] | None = None,
           progress: Callable[[float], None] = lambda alpha: None) -> dict:
     """{'alpha', 'loss', 'top1'}: `evaluate(form)` ({'loss', 'top1'}) of the interpolation at
-    each alpha, after `correct(form, alpha)` if given (e.g. `repair`)."""
+    each alpha, after `correct(form, alpha)` if given (e.g. a `repairer`)."""
     found = {'alpha': [float(a) for a in alphas], 'loss': [], 'top1': []}
     for alpha in alphas:
         form = interpolate(form_a, form_b, alpha)

@@ -229,8 +229,7 @@ def run_align(workdir: str, output_workdir: str) -> dict:
                                     dataset=dataset)
     lines = {'naive': (form_b, None), 'aligned': (aligned, None)}
     if FLAGS.repair:
-        lines['aligned_repaired'] = (aligned, lambda form, alpha: align.repair(
-            spec, form, form_a, aligned, images, alpha))
+        lines['aligned_repaired'] = (aligned, align.repairer(spec, form_a, aligned, images))
     from tqdm import tqdm  # here: the other commands start without it
     curves = {}
     with tqdm(total=len(lines) * len(align.ALPHAS), desc='line between the models') as bar:

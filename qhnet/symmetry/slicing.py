@@ -52,9 +52,10 @@ import ml_collections
 import numpy as np
 
 from qhnet import models
-from qhnet.symmetry import baseline_family, groups, qhnet_family
+from qhnet.symmetry import groups
 from qhnet.symmetry.action import act
-from qhnet.symmetry.families import check_images, fold, group_spec, tap_streams, unfold
+from qhnet.symmetry.families import (check_images, fold, group_spec, tap_streams,
+                                     tapped_logits, unfold)
 from qhnet.symmetry.folding import HIGHEST
 from qhnet.symmetry.spec import GroupSpec
 from qhnet.symmetry.structure import BaselineStructure, Structure, trace
@@ -115,8 +116,7 @@ def kept_widths(spec: GroupSpec, keep: float, slice_stem: bool = False) -> dict[
 def _moments_fn(spec: GroupSpec):
     """A jitted (form, images) -> ({stream: sum of u^T u}, {stream: number of rows u}) over
     every place a stream is read, on a QHNet's or a ResNet50's form."""
-    structure = spec.structure
-    streams = tap_streams(spec)
+    streams, logits = tap_streams(spec), tapped_logits(spec)
 
     def forward(form, images, read):
         def tap(point, x):
@@ -124,10 +124,7 @@ def _moments_fn(spec: GroupSpec):
                 read(streams[point], x)
             return x
 
-        if isinstance(structure, Structure):
-            qhnet_family.forward(structure, form, images, tap)
-        else:
-            baseline_family.forward(structure, form, images, tap)
+        logits(form, images, tap)
 
     @jax.jit
     def moments(form, images):
