@@ -19,6 +19,7 @@ erasing, 50 epochs); docs/fidelity.md sets each choice beside the paper and timm
 """
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -28,8 +29,8 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
-DATASET_VARIANTS = ('imagenet100', 'fashion_mnist', 'digits')
-MODEL_NAMES = ('qhnet', 'resnet50', 'mobilenet_v3_large')
+DATASET_VARIANTS = ('imagenet100', 'imagenet1k', 'fashion_mnist', 'digits')
+MODEL_NAMES = ('qhnet', 'qlnet', 'resnet50', 'mobilenet_v3_large')
 EQUATIONS = (3, 4, 5, 6, 7)
 ACTIVATIONS = ('relu', 'hardtanh', 'hardball', 'softball', 'identity')
 PLACEMENTS = ('ds', 'all')
@@ -68,9 +69,8 @@ class Field:
         if value is None:
             return None if self.optional else 'must be set'
         if self.choices:
-            valid = [None] * self.optional + list(self.choices)
-            return None if value in self.choices and _is_kind(value, self.kind) else (
-                f'must be one of {valid}')
+            ok = value in self.choices and _is_kind(value, self.kind)
+            return None if ok else f'must be one of {[None] * self.optional + list(self.choices)}'
         if self.kind == 'ints':
             ok = (isinstance(value, (tuple, list)) and len(value) > 0
                   and all(_is_kind(v, 'int') and v >= 1 for v in value))
@@ -104,24 +104,18 @@ def _is_kind(value: Any, kind: str) -> bool:
     return kind == 'ints' or isinstance(value, _KINDS[kind][0])
 
 
-def _count(default, help_, low=1, high=math.inf, **kwargs) -> Field:
-    return Field(default, help_, 'int', low=low, high=high, **kwargs)
-
-
-def _fraction(default, help_, **kwargs) -> Field:
-    return Field(default, help_, 'float', low=0, high=1, **kwargs)
-
-
-def _rate(default, help_, **kwargs) -> Field:  # a non-negative number
-    return Field(default, help_, 'float', low=0, **kwargs)
+_count = functools.partial(Field, kind='int', low=1)  # a positive integer unless told
+_fraction = functools.partial(Field, kind='float', low=0, high=1)
+_rate = functools.partial(Field, kind='float', low=0)  # a non-negative number
 
 
 MODEL = dict(
-    name=Field('qhnet', 'The network: QHNet or a baseline.', 'str', MODEL_NAMES),
+    name=Field('qhnet', "The network: QHNet, 'qlnet' (the authors' released ImageNet-1k "
+               'model, `RELEASED`) or a baseline.', 'str', MODEL_NAMES),
     equation=Field(3, 'QHNet only. Paper equation of the block.', 'int', EQUATIONS),
-    activation=Field('softball', 'QHNet only. The activation of the blocks that carry one.',
+    activation=Field('softball', 'QHNet, QLNet. The activation of the blocks that carry one.',
                      'str', ACTIVATIONS),
-    placement=Field('ds', "QHNet only. 'ds': after every downsampling block and after the last "
+    placement=Field('ds', "QHNet, QLNet. 'ds': after every downsampling block and after the last "
                     "block; 'all': after every block.", 'str', PLACEMENTS),
     multiplier=_count(4, 'QHNet only. Derivative channels per input channel (4, or 6 for the '
                       '"x6" rows).', high=64),
@@ -138,24 +132,23 @@ MODEL = dict(
     depths=Field((3, 4, 6, 3), 'Per stage, the number of blocks (QHNet, ResNet50).', 'ints'),
     num_classes=_count(100, 'Classes of the head; must be the dataset\'s.'),
     dtype=Field('float32', 'Compute dtype (parameters stay float32).', 'str', DTYPES),
-    remat=Field(False, "QHNet only. Recompute each block's activations in the backward pass "
+    remat=Field(False, "QHNet, QLNet. Recompute each block's activations in the backward pass "
                 '(jax.checkpoint): less activation memory for more compute.', 'bool'),
-    derivative_impl=Field('stencil', 'QHNet only. XLA program for the derivative operator K '
+    derivative_impl=Field('stencil', 'QHNet, QLNet. XLA program for the derivative operator K '
                           '(qhnet.models.derivative); same parameters and results, different '
                           'speed.', 'str', DERIVATIVE_IMPLS),
-    stream_widths=Field(None, "QHNet, Eq. (3) with mixing only: each stage's residual-stream "
-                        'width, narrower than `widths` (a model sliced by `python -m '
+    stream_widths=Field(None, "QLNet, or QHNet of Eq. (3) with mixing: each stage's residual-"
+                        'stream width, narrower than `widths` (a model sliced by `python -m '
                         'qhnet.symmetry slice`).', 'ints', optional=True),
 )
 
 DATA = dict(
-    name=Field('imagenet100', "'imagenet100', 'imagefolder', 'fashion_mnist', 'digits', or a "
-               'TFDS dataset prepared as array_record.', 'str'),
+    name=Field('imagenet100', "'imagenet100', 'imagenet1k', 'imagefolder', 'fashion_mnist', "
+               "'digits', or a TFDS dataset prepared as array_record.", 'str'),
     data_dir=Field(None, "Where the dataset is; None: the dataset's default location "
                    '(qhnet.data).', 'str', optional=True),
     format=Field('auto', 'imagenet100 only: how data_dir holds it.', 'str', DATA_FORMATS),
-    image_size=_count(224, 'Side of the square images the model reads.', high=8192,
-                      optional=True),
+    image_size=_count(224, 'Side of the square images the model reads.', high=8192, optional=True),
     channels=Field(None, "None: the dataset's own channel count; 3 converts grayscale to RGB.",
                    'int', (1, 3), optional=True),
     augment=Field(True, 'Training split only: random crop and horizontal flip.', 'bool'),
@@ -171,6 +164,10 @@ DATA = dict(
     class_list=Field(None, 'A file of class folder names, one a line. imagenet100: None is the '
                      'packaged list (qhnet/imagenet100.txt); imagefolder: None takes every '
                      'folder of train/.', 'str', optional=True),
+    eval_resize=Field(None, "Central crops (evaluation; training without augment). None: OpenCV's "
+                      "bilinear resize of the central box (no antialiasing); 'pil': timm's, the "
+                      "shorter side resized to image_size / 0.875 by PIL's bilinear (antialiased), "
+                      'then the central square.', 'str', ('pil',), optional=True),
 )
 
 OPTIMIZER = dict(
@@ -178,8 +175,7 @@ OPTIMIZER = dict(
     reference_batch_size=_count(192, 'The batch size at which base_lr is the peak LR.'),
     momentum=_fraction(0.9, 'SGD momentum.', high_open=True),
     nesterov=Field(True, 'Nesterov momentum.', 'bool'),
-    weight_decay=_rate(1e-4, 'Added to the gradient of every tensor with more than one '
-                       'dimension.'),
+    weight_decay=_rate(1e-4, 'Added to the gradient of every tensor of more than one dimension.'),
     warmup_epochs=_rate(5.0, 'Linear warmup from init_lr to the peak.'),
     init_lr=_rate(0.0, 'The LR at the start of warmup.'),
     end_lr=_rate(0.0, 'The LR at the end of the cosine decay.'),
@@ -188,30 +184,25 @@ OPTIMIZER = dict(
 SCHEMA = dict(
     model=MODEL,
     data=DATA,
-    seed=_count(0, 'Seeds the initialisation, the data order and the augmentation.', low=0,
-                high=MAX_SEED),
+    seed=_count(0, 'Seeds the initialisation, data order and augmentation.', low=0, high=MAX_SEED),
     init_from=Field(None, "A workdir whose newest checkpoint's variables start this run (a "
                     'fresh optimizer at step 0; e.g. a sliced model\'s, to fine-tune it); only '
                     'read when --workdir holds no checkpoint yet.', 'str', optional=True),
-    batch_size=_count(192, 'Global batch (all devices, all hosts); a multiple of the device '
-                      'count.'),
+    batch_size=_count(192, 'Global batch (all devices and hosts); a multiple of the device count.'),
     eval_batch_size=_count(200, 'Global evaluation batch; a multiple of the device count.'),
     num_epochs=_rate(50.0, 'Epochs of training.', low_open=True),
-    num_train_steps=_count(-1, '> 0 overrides num_epochs (the schedule then spans exactly this '
-                           'many steps).', low=-1),
+    num_train_steps=_count(-1, '> 0: the schedule spans this many steps, not num_epochs.', low=-1),
     optimizer=OPTIMIZER,
     label_smoothing=_fraction(0.1, 'Label smoothing of the training loss.', high_open=True),
     checkpoint=dict(
         every_steps=_count(1000, 'Also saved at the end of every epoch and of training.'),
         max_to_keep=_count(3, 'Newest checkpoints kept.'),
-        trust_unverified=Field(False, 'Resume from checkpoints that have no content digest at '
-                               'all (checkpoint_digests/ deleted); they cannot be verified.',
-                               'bool'),
+        trust_unverified=Field(False, 'Resume from checkpoints without any content digest '
+                               '(checkpoint_digests/ deleted): they cannot be verified.', 'bool'),
     ),
     breakdown=dict(
         lr_factor=_fraction(0.5, 'A non-finite loss or gradient rolls the run back to its last '
-                            'checkpoint and multiplies the learning rate by this.',
-                            low_open=True, high_open=True),
+                            'checkpoint, with the LR times this.', low_open=True, high_open=True),
         max_retries=_count(3, 'Rollbacks allowed per process before the run gives up.', low=0),
     ),
     log_every_steps=_count(100, 'Training metrics are logged every this many steps.'),
@@ -226,8 +217,8 @@ def _section(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
         if isinstance(field, Mapping):
             values[key] = _section(field)
         elif field.default is None:
-            values[key] = config_dict.placeholder(tuple if field.kind == 'ints' else
-                                                  {'int': int, 'str': str}[field.kind])
+            values[key] = config_dict.placeholder({'ints': tuple, 'int': int,
+                                                   'str': str}[field.kind])
         else:
             values[key] = field.default
     return ml_collections.ConfigDict(values)
@@ -255,9 +246,13 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     if variant not in DATASET_VARIANTS:
         raise ValueError(f'unknown config argument {variant!r}; valid dataset variants: '
                          f'{list(DATASET_VARIANTS)}')
-    if variant == 'imagenet100':
+    if variant == 'imagenet1k':  # every class folder, evaluated with timm's transform
+        config.data.update(name='imagenet1k', eval_resize='pil')
+        config.model.num_classes = 1000
+    if variant in ('imagenet100', 'imagenet1k'):  # the paper's recipe
         return
     small_data = dict(augment=False, rand_augment=False, erasing=0.0, num_workers=0)
+    config.checkpoint.every_steps = 10_000
     if variant == 'fashion_mnist':
         # A stride-2 stem puts stage 1 at 14x14; one block per stage, 5 epochs.
         config.data.update(name='fashion_mnist', image_size=28, **small_data)
@@ -266,14 +261,12 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.update(batch_size=64, eval_batch_size=500, num_epochs=5, log_every_steps=50)
         config.optimizer.update(base_lr=1.2, reference_batch_size=64, warmup_epochs=0.3,
                                 weight_decay=5e-5)
-        config.checkpoint.every_steps = 10_000
     elif variant == 'digits':
         # scikit-learn's 1797 8x8 digits: a smoke test that trains in seconds.
         config.data.update(name='digits', image_size=8, **small_data)
         config.model.update(stem='small', widths=(16, 32), depths=(1, 1), num_classes=10)
         config.update(batch_size=64, eval_batch_size=128, num_epochs=10, log_every_steps=10)
         config.optimizer.update(base_lr=0.1, reference_batch_size=64, warmup_epochs=1.0)
-        config.checkpoint.every_steps = 10_000
 
 
 # Table 1.
@@ -310,12 +303,20 @@ ROWS = {
 }
 
 
+# The authors' model released after the paper (QLNet, liuyao/QLNet on Hugging Face): its
+# figures are its model card's, ImageNet-1k at 1000 classes. 'qlnet' reads the QHNet fields
+# activation, placement, stem, widths, depths and remat; its block is fixed (models.blocks).
+RELEASED = {'qlnet50': Row('QLNet-50 (released)', dict(name='qlnet', activation='hardball'),
+                           9_993_640, 78.61)}
+
+
 def row_config(row: str, variant: str | None = None) -> ml_collections.ConfigDict:
-    """The config of Table 1 row `row` (a key of `ROWS`) on dataset `variant`."""
-    if row not in ROWS:
-        raise ValueError(f'unknown Table 1 row {row!r}; valid rows: {list(ROWS)}')
+    """The config of Table 1 row `row` (a key of `ROWS`, or of `RELEASED`) on `variant`."""
+    rows = {**ROWS, **RELEASED}
+    if row not in rows:
+        raise ValueError(f'unknown row {row!r}; valid rows: {list(rows)}')
     config = get_config(variant)
-    config.model.update(ROWS[row].model)
+    config.model.update(rows[row].model)
     return config
 
 
@@ -339,8 +340,7 @@ def _check(section: Any, schema: Mapping[str, Any], where: str) -> None:
     if not isinstance(section, (ml_collections.ConfigDict, Mapping)):
         raise ConfigError(f'{where} must be a section with keys {list(schema)}, got {section!r}')
     keys = set(section.keys())
-    unknown = sorted(keys - set(schema))
-    missing = sorted(set(schema) - keys)
+    unknown, missing = sorted(keys - set(schema)), sorted(set(schema) - keys)
     if unknown:
         raise ConfigError(f'unknown key(s) {unknown} in {where}; valid keys: {list(schema)}')
     if missing:
@@ -349,9 +349,7 @@ def _check(section: Any, schema: Mapping[str, Any], where: str) -> None:
     for key, field in schema.items():
         if isinstance(field, Mapping):
             _check(section[key], field, f'{where}.{key}')
-            continue
-        problem = field.problem(section[key])
-        if problem:
+        elif problem := field.problem(section[key]):
             raise ConfigError(f'{where}.{key} {problem}, got {_short(section[key])}')
 
 
@@ -366,7 +364,7 @@ def _check_model_rules(model: ml_collections.ConfigDict) -> None:
     if len(widths) != len(depths):
         raise ConfigError(f'config.model.widths {widths} and config.model.depths {depths} must '
                           'have one entry per stage, the same number')
-    if model.name != 'qhnet':
+    if model.name not in ('qhnet', 'qlnet'):
         return
     if model.stream_widths is not None:
         streams = tuple(model.stream_widths)
@@ -374,11 +372,11 @@ def _check_model_rules(model: ml_collections.ConfigDict) -> None:
             raise ConfigError(f'config.model.stream_widths {streams} must give each of the '
                               f'{len(widths)} stages a width between 1 and its model.widths '
                               f'{widths}, or be None')
-        if model.equation != 3 or not model.mixing:
-            raise ConfigError('config.model.stream_widths (a sliced model) needs '
-                              f'model.equation=3 and model.mixing=True; got equation '
+        if model.name == 'qhnet' and (model.equation != 3 or not model.mixing):
+            raise ConfigError('config.model.stream_widths (a sliced model) needs a QLNet, or '
+                              'model.equation=3 and model.mixing=True; got equation '
                               f'{model.equation}, mixing {model.mixing}')
-    if model.equation == 5:
+    if model.name == 'qhnet' and model.equation == 5:
         for n, n_out in zip(widths, widths[1:]):
             if n_out % n or model.multiplier % (n_out // n):
                 raise ConfigError(
@@ -400,9 +398,7 @@ def from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
     def tuples(value):
         if isinstance(value, Mapping):
             return {key: tuples(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return tuple(tuples(item) for item in value)
-        return value
+        return tuple(map(tuples, value)) if isinstance(value, list) else value
 
     def with_new_keys(stored: dict, schema: Mapping[str, Any]) -> dict:
         for key, field in schema.items():
@@ -413,7 +409,5 @@ def from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
                 stored[key] = None
         return stored
 
-    stored = tuples(data)
-    for key in _RETIRED_KEYS:
-        stored.pop(key, None)
+    stored = {key: value for key, value in tuples(data).items() if key not in _RETIRED_KEYS}
     return ml_collections.ConfigDict(with_new_keys(stored, SCHEMA))

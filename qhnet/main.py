@@ -2,6 +2,8 @@
 
   python -m qhnet.main --config=configs/eq3_softball.py:fashion_mnist --workdir=/tmp/qhnet-fmnist
   python -m qhnet.main --config=configs/resnet50.py --workdir=DIR --config.batch_size=256
+  python -m qhnet.main --config=configs/resnet50.py:imagenet1k --workdir=DIR --evaluate_only \
+      --config.data.data_dir=/data/imagenet  # scores DIR's newest checkpoint, trains nothing
 
 Multi-host (one process per host, e.g. a TPU pod slice or a GPU cluster): add
 --multihost (or set QHNET_MULTIHOST=1) and start the same command on every host;
@@ -28,7 +30,8 @@ from qhnet.config import ConfigError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'A config file from configs/, optionally with a dataset variant after a '
-    "colon: 'imagenet100' (default), 'fashion_mnist' or 'digits'.", lock_config=True)
+    "colon: 'imagenet100' (default), 'imagenet1k', 'fashion_mnist' or 'digits'.",
+    lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics.jsonl, TensorBoard events, '
                     'summary.json and curves.png go.')
 flags.DEFINE_bool('multihost', os.environ.get('QHNET_MULTIHOST', '0') not in ('', '0'),
@@ -37,6 +40,9 @@ flags.DEFINE_bool('multihost', os.environ.get('QHNET_MULTIHOST', '0') not in (''
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --multihost).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --multihost).')
 flags.DEFINE_integer('process_id', None, 'This process (with --multihost).')
+flags.DEFINE_bool('evaluate_only', False, "Score the newest checkpoint of --workdir on the test "
+                  "split of --config's dataset, once; write <workdir>/evaluation.json and exit. "
+                  'Trains nothing and writes no checkpoint.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -104,7 +110,13 @@ def main(argv: list[str]) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.default_backend())
     try:
-        training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if FLAGS.evaluate_only:
+            record = training.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+            print(f'step {record["step"]} on {record["dataset"]} ({record["images"]:,} images): '
+                  f'top-1 {100 * record["top1"]:.2f}%, top-5 {100 * record["top5"]:.2f}%, '
+                  f'loss {record["loss"]:.4f}')
+        else:
+            training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except training.CheckpointWriteError as error:
         _quiet_until_exit()
         sys.exit(f'error: {error}')

@@ -1,9 +1,11 @@
-"""Parameter counts of every Table 1 row against the paper's figures.
+"""Parameter counts of every Table 1 row against the paper's figures, and of the authors'
+released QLNet against their PyTorch model's.
 
     python -m qhnet.params
 
 Counts come from initialising the real module (abstractly, with `jax.eval_shape`) of each
-row of `qhnet.config.ROWS`, at the paper's 100 classes and 224x224 inputs.
+row of `qhnet.config.ROWS`, at the paper's 100 classes and 224x224 inputs, and of
+`qhnet.config.RELEASED` at 100 and 1000 classes.
 """
 
 import jax
@@ -29,11 +31,31 @@ def table() -> list[tuple[str, int, float]]:
     return rows
 
 
+# sum(p.numel() for p in model.parameters()) of the authors' resnet50(num_classes=classes)
+# (their resnet.py, the QLNet architecture); tests/test_convert.py recounts it where torch is.
+PYTORCH_PARAMS = {('qlnet50', 100): 9_531_940, ('qlnet50', 1000): 9_993_640}
+
+
+def released_table() -> list[tuple[str, int, int, int]]:
+    """(title, classes, our count, PyTorch's count) of every released model."""
+    rows = []
+    for (key, classes), theirs in PYTORCH_PARAMS.items():
+        model_config = config.row_config(key).model
+        model_config.num_classes = classes
+        rows.append((config.RELEASED[key].title, classes, count_params(models.build(model_config)),
+                     theirs))
+    return rows
+
+
 def main() -> None:
     print(f'| {"Table 1 row":<22} | {"qhnet":>12} | {"paper":>7} | {"difference":>10} |')
     print(f'|{"-" * 24}|{"-" * 14}|{"-" * 9}|{"-" * 12}|')
     for row, ours, paper in table():
         print(f'| {row:<22} | {ours:>12,} | {paper / 1e6:>6.2f}M | {(ours - paper) / paper:>+10.2%} |')
+    print(f'\n| {"released model":<22} | {"classes":>7} | {"qhnet":>12} | {"PyTorch":>12} |')
+    print(f'|{"-" * 24}|{"-" * 9}|{"-" * 14}|{"-" * 14}|')
+    for title, classes, ours, theirs in released_table():
+        print(f'| {title:<22} | {classes:>7} | {ours:>12,} | {theirs:>12,} |')
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ from qhnet.training import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = tuple(qhnet_config.ROWS)
+ALL_ROWS = ROWS + tuple(qhnet_config.RELEASED)  # Table 1 and the released QLNet
 
 
 def row_config(row: str, variant: str | None = None):
@@ -32,20 +33,22 @@ def row_config(row: str, variant: str | None = None):
 def test_every_row_file_exists_and_documents_its_command():
     files = {name[:-3] for name in os.listdir(os.path.join(ROOT, 'configs'))
              if name.endswith('.py') and name not in ('__init__.py', 'default.py')}
-    assert files == set(ROWS)
-    for row in ROWS:
+    assert files == set(ALL_ROWS)
+    for row in ALL_ROWS:
         doc = importlib.import_module(f'configs.{row}').__doc__
         assert f'python -m qhnet.main --config=configs/{row}.py' in doc
-        assert 'Paper:' in doc and f'{qhnet_config.ROWS[row].paper_top1:.2f}%' in doc
+        released = row in qhnet_config.RELEASED
+        figure = (qhnet_config.RELEASED if released else qhnet_config.ROWS)[row].paper_top1
+        assert ('Released:' if released else 'Paper:') in doc and f'{figure:.2f}%' in doc
 
 
-@pytest.mark.parametrize('variant', [None, 'fashion_mnist', 'digits'])
-@pytest.mark.parametrize('row', ROWS)
+@pytest.mark.parametrize('variant', [None, 'imagenet1k', 'fashion_mnist', 'digits'])
+@pytest.mark.parametrize('row', ALL_ROWS)
 def test_row_files_are_the_package_rows(row, variant):
     assert row_config(row, variant).to_dict() == qhnet_config.row_config(row, variant).to_dict()
 
 
-@pytest.mark.parametrize('row', ROWS)
+@pytest.mark.parametrize('row', ALL_ROWS)
 def test_row_has_the_paper_recipe(row):
     config = row_config(row)
     assert config.data.name == 'imagenet100' and config.data.image_size == 224
@@ -56,7 +59,7 @@ def test_row_has_the_paper_recipe(row):
 
 
 @pytest.mark.parametrize('variant', ['fashion_mnist', 'digits'])
-@pytest.mark.parametrize('row', ROWS)
+@pytest.mark.parametrize('row', ALL_ROWS)
 def test_offline_variants_validate(row, variant):
     config = row_config(row, variant)
     info = preflight.validate(config).info
@@ -151,6 +154,18 @@ def test_imagenet100_without_data_explains_the_setup():
         preflight.validate(row_config('eq3_softball'))
 
 
+def test_imagenet1k_variant_is_the_paper_recipe_on_every_class_evaluated_as_timm():
+    config, paper = row_config('eq3_softball', 'imagenet1k'), row_config('eq3_softball')
+    assert config.data.name == 'imagenet1k' and config.data.eval_resize == 'pil'
+    assert config.model.num_classes == 1000 and config.data.class_list is None
+    config.data.update(name=paper.data.name, eval_resize=None)
+    config.model.num_classes = paper.model.num_classes
+    assert config.to_dict() == paper.to_dict()
+    with pytest.raises(data.DatasetNotFoundError, match='--config.data.data_dir=DIR, an '
+                                                        'ImageNet-1k ImageFolder root'):
+        preflight.validate(row_config('eq3_softball', 'imagenet1k'))
+
+
 def test_cli_reports_a_bad_value_without_a_traceback(tmp_path):
     workdir = tmp_path / 'workdir'
     result = subprocess.run(
@@ -214,7 +229,7 @@ def test_installed_package_stands_alone(tmp_path):
                              text=True, timeout=300, check=False)
     assert counted.returncode == 0, counted.stderr
     assert '| Eq. (7) no ws, x6      |   13,010,980 |' in counted.stdout
-    assert len(counted.stdout.strip().splitlines()) == 2 + len(ROWS)
+    assert '| QLNet-50 (released)    |     100 |    9,531,940 |    9,531,940 |' in counted.stdout
 
 
 def walk(schema, prefix=''):
@@ -236,11 +251,11 @@ def keys(config, prefix=''):
     return found
 
 
-@pytest.mark.parametrize('variant', [None, 'fashion_mnist', 'digits'])
+@pytest.mark.parametrize('variant', [None, 'imagenet1k', 'fashion_mnist', 'digits'])
 def test_every_key_of_every_variant_is_declared_in_the_schema(variant):
     """A variant that set a misspelt key would add it silently; the schema is the key list."""
     declared = {key for key, _ in walk(qhnet_config.SCHEMA)}
-    for row in ROWS:
+    for row in ALL_ROWS:
         assert keys(qhnet_config.row_config(row, variant)) == declared
     for key, field in walk(qhnet_config.SCHEMA):
         assert field.problem(field.default) is None, key

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+from sklearn.datasets import load_sample_images
 import tensorflow_datasets as tfds
 
 from qhnet import config as qhnet_config
@@ -621,3 +622,76 @@ def test_rand_augment_and_erasing_are_switches_of_the_training_split(digits):
         data_config(name='digits', image_size=16, rand_augment=True, erasing=0.4), 'test',
         batch_size=64, seed=0, train=False))
     assert 'erase' not in evaluation
+
+
+# Three classes with WordNet-like names, written out of sorted order.
+PHOTO_CLASSES = ('n04254680', 'n01440764', 'n02102040')
+# Crops (top, left, height, width) of scikit-learn's two 427x640 sample photos: wide, tall,
+# square, smaller than the 256 resize (upscaled), odd sizes.
+PHOTO_CROPS = ((0, 0, 427, 640), (20, 100, 400, 260), (50, 50, 300, 300), (100, 200, 150, 220),
+               (7, 3, 257, 411), (0, 10, 427, 333), (31, 77, 389, 263), (60, 120, 240, 500),
+               (5, 5, 333, 250))
+
+
+def sample_photo_folder(root):
+    """train/ (1 JPEG a class) and val/ (2 a class) of real photos: crops of scikit-learn's
+    sample images of different sizes and aspect ratios. Returns the val paths in label order."""
+    photos = load_sample_images().images
+    val_paths, crops = [], iter(enumerate(PHOTO_CROPS))
+    for wnid in PHOTO_CLASSES:
+        for split, count in (('train', 1), ('val', 2)):
+            os.makedirs(root / split / wnid)
+            for k in range(count):
+                i, (top, left, height, width) = next(crops)
+                path = root / split / wnid / f'{wnid}_{k}.JPEG'
+                write_jpeg(path, photos[i % 2][top:top + height, left:left + width])
+                if split == 'val':
+                    val_paths.append((wnid, path))
+    return [path for _, path in sorted(val_paths)]
+
+
+def timm_evaluation(path) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's Resize(256) (bilinear, the shorter side) and CenterCrop(224), ToTensor and
+    Normalize with ImageNet's statistics, in Pillow and numpy: (uint8, float32) [224, 224, 3]."""
+    with Image.open(path) as image:
+        image = image.convert('RGB')
+    width, height = image.size
+    size = (256, int(256 * height / width)) if width <= height else (int(256 * width / height), 256)
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = round((size[0] - 224) / 2), round((size[1] - 224) / 2)
+    pixels = np.asarray(image.crop((left, top, left + 224, top + 224)))
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    return pixels, (pixels.astype(np.float32) / 255 - mean) / std
+
+
+def test_imagenet1k_variant_reads_every_class_folder_with_timms_evaluation_transform(tmp_path):
+    val_paths = sample_photo_folder(tmp_path)
+    config = qhnet_config.get_config('imagenet1k')
+    config.data.update(data_dir=str(tmp_path), num_workers=0)
+    dataset = data.open_dataset(config.data)
+    info = dataset.info
+    assert (info.name, info.class_names) == ('imagenet1k', tuple(sorted(PHOTO_CLASSES)))
+    assert (info.num_classes, info.num_train, info.num_test) == (3, 3, 6)
+    assert info.image_shape == (224, 224, 3)
+    batch = next(dataset.batches('test', batch_size=6, seed=0, train=False))
+    np.testing.assert_array_equal(batch['label'], [0, 0, 1, 1, 2, 2])
+    normalised = data.normalise(batch['image'], info)
+    for path, pixels, image in zip(val_paths, batch['image'], normalised):
+        reference_pixels, reference = timm_evaluation(path)
+        # The same decoder (libjpeg-turbo) and PIL's resize: the same pixels; normalisation's
+        # float32 arithmetic differs in the last bits only.
+        np.testing.assert_array_equal(pixels, reference_pixels)
+        np.testing.assert_allclose(image, reference, rtol=0, atol=1e-5)
+    train = next(dataset.batches('train', batch_size=3, seed=0, train=True))
+    assert train['image'].shape == (3, 224, 224, 3) and train['erase'].shape == (3, 3, 4)
+
+
+def test_imagenet1k_without_data_names_the_dataset_and_the_fix(tmp_path):
+    config = qhnet_config.get_config('imagenet1k')
+    for data_dir in (None, str(tmp_path / 'nowhere'), str(tmp_path)):
+        config.data.data_dir = data_dir
+        with pytest.raises(data.DatasetNotFoundError,
+                           match=r'imagenet1k data_dir .* needs train/ and val/ folders\. Pass '
+                                 r'--config\.data\.data_dir=DIR, an ImageNet-1k ImageFolder root'):
+            data.open_dataset(config.data)
+    assert os.listdir(tmp_path) == []

@@ -164,3 +164,51 @@ def test_corrupt_training_image_is_one_line_naming_it(tmp_path):
                       f'--workdir={tmp_path / "workdir"}', '--config.data.num_workers=2',
                       '--config.progress_bar=False')
     assert_one_line_error(result, f'cannot decode image {corrupt}', 'Replace or delete the file')
+
+
+@pytest.fixture(scope='module')
+def trained_digits(tmp_path_factory):
+    """The workdir of a 4-step run of the main model's digits variant."""
+    workdir = tmp_path_factory.mktemp('trained') / 'workdir'
+    result = run_main(DIGITS, f'--workdir={workdir}', '--config.num_train_steps=4',
+                      '--config.optimizer.warmup_epochs=0.05', '--config.progress_bar=False')
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def files_under(directory) -> dict[str, int]:
+    """Every file under `directory`, with its modification time."""
+    return {os.path.relpath(os.path.join(root, name), directory):
+            os.stat(os.path.join(root, name)).st_mtime_ns
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_evaluate_only_scores_the_newest_checkpoint_and_writes_nothing_else(trained_digits):
+    before = files_under(trained_digits)
+    result = run_main(DIGITS, f'--workdir={trained_digits}', '--evaluate_only')
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((trained_digits / training.EVALUATION_FILE).read_text())
+    step, config, variables = training.restore_variables(str(trained_digits))
+    expected = training.evaluate(config, variables)
+    assert (record['step'], step) == (4, 4)
+    assert (record['dataset'], record['data_dir'], record['images']) == ('digits', None, 297)
+    assert record['top1'] == expected['top1'] and record['top5'] == expected['top5']
+    assert record['loss'] == pytest.approx(expected['loss'], rel=1e-6)
+    assert f'top-1 {100 * record["top1"]:.2f}%' in result.stdout
+    after = files_under(trained_digits)
+    assert after.pop(training.EVALUATION_FILE) and after == before  # no checkpoint, no metrics
+
+
+def test_evaluate_only_refuses_another_model_and_a_workdir_without_checkpoints(trained_digits,
+                                                                              tmp_path):
+    before = files_under(trained_digits)
+    other = run_main(DIGITS, f'--workdir={trained_digits}', '--evaluate_only',
+                     '--config.model.widths=(8,16)')
+    assert_one_line_error(other, 'is another model than --config describes',
+                          'model.widths: checkpoint has [16, 32], --config has [8, 16]')
+    assert files_under(trained_digits) == before
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    result = run_main(DIGITS, f'--workdir={empty}', '--evaluate_only')
+    assert_one_line_error(result, f'{empty} has no checkpoints')
+    assert os.listdir(empty) == []

@@ -14,7 +14,8 @@ from qhnet import config, models
 from qhnet.models import activations, network
 from tests.conftest import resize_images
 
-ROWS = sorted(config.ROWS)
+ROWS = sorted(config.ROWS) + sorted(config.RELEASED)  # Table 1 and the released QLNet
+ROW_MODELS = {key: row.model for key, row in {**config.ROWS, **config.RELEASED}.items()}
 
 
 def qhnet_config(**overrides):
@@ -92,7 +93,7 @@ def loss_and_grads(model, variables, images, labels):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
 
 
-QHNET_ROWS = [row for row in ROWS if config.ROWS[row].model['name'] == 'qhnet']
+QHNET_ROWS = [row for row in ROWS if ROW_MODELS[row]['name'] in ('qhnet', 'qlnet')]
 
 
 def check_forward_backward(model_config, images, labels):
@@ -107,7 +108,7 @@ def check_forward_backward(model_config, images, labels):
 
 
 # One row per block equation in the fast suite; Eq. (3)'s other activations and layouts are slow.
-FAST_ROWS = {'eq3_softball', 'eq4', 'eq5_softball', 'eq6', 'eq7_nows_x6'}
+FAST_ROWS = {'eq3_softball', 'eq4', 'eq5_softball', 'eq6', 'eq7_nows_x6', 'qlnet50'}
 
 
 @pytest.mark.parametrize('row', [row if row in FAST_ROWS else pytest.param(row, marks=pytest.mark.slow)

@@ -1,4 +1,5 @@
-"""Parameter counts of the Table 1 rows, from initialising the real modules."""
+"""Parameter counts of the Table 1 rows and the released QLNet, from initialising the real
+modules."""
 
 import pytest
 
@@ -48,4 +49,13 @@ def test_main_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert '| Eq. (3) softball@ds    |    8,608,868 |   8.61M |' in out
     assert '| Eq. (7) no ws, x6      |   13,010,980 |  13.00M |' in out
-    assert len(out.strip().splitlines()) == 2 + len(config.ROWS)
+    assert '| QLNet-50 (released)    |    1000 |    9,993,640 |    9,993,640 |' in out
+    assert len(out.strip().splitlines()) == 2 + len(config.ROWS) + 3 + len(params.PYTORCH_PARAMS)
+
+
+def test_qlnet_counts_equal_the_authors_pytorch_model():
+    """PYTORCH_PARAMS is PyTorch's count of the authors' model (recounted by test_convert)."""
+    table = params.released_table()
+    assert [(classes, ours) for _, classes, ours, _ in table] == [(100, 9_531_940),
+                                                                 (1000, 9_993_640)]
+    assert all(ours == theirs for _, _, ours, theirs in table)

@@ -109,6 +109,30 @@ def test_sliced_model_builds_folds_again_and_keeps_its_symmetry(images):
     assert report['invariant'], report
 
 
+def test_a_qlnet_is_sliced_without_added_maps(images):
+    """Both halves of QLNet's first 1x1 conv read the kept channels: keep=1 is the same
+    function with the same parameters, and a slice is a QLNet of narrower streams that folds
+    again and keeps its symmetry."""
+    cfg, model, variables = make_case('hardball', name='qlnet')
+    exact = slicing.slice_variables(cfg, variables, images, keep=1.0, dtype=np.float64)
+    assert relative(logits64(exact.config.model, exact.variables, images),
+                    logits64(cfg.model, variables, images)) < 1e-9
+    assert slicing.count_params(exact.variables) == slicing.count_params(variables)
+    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5)
+    assert sliced.config.model.stream_widths == (8, 8, 16) and not sliced.config.model.mixing
+    block = sliced.variables['params']['stage2_block1']
+    assert block['coef']['kernel'].shape == (1, 1, 8, 64)  # k x 2w, w = 4 * 8 unsliced
+    assert block['combine']['kernel'].shape == (1, 1, 64, 8)
+    model = models.build(sliced.config.model)
+    spec = symmetry.group_spec(model)
+    with jax.enable_x64(True):
+        form = symmetry.fold(spec, sliced.variables, np.float64)
+        folded = np.asarray(symmetry.apply(spec, form, np.asarray(images, np.float64)))
+        assert relative(folded, logits64(sliced.config.model, sliced.variables, images)) < 1e-9
+        report = symmetry.verify(spec, form, symmetry.sample(spec, jax.random.key(1)), images)
+    assert report['invariant'], report
+
+
 def test_the_sliced_flax_model_trains(images, digits):
     cfg, _, variables = make_case()
     sliced = slicing.slice_variables(cfg, variables, images, keep=0.5)
@@ -255,7 +279,8 @@ def test_images_of_the_wrong_shape_are_refused(images):
 
 def test_other_equations_and_methods_are_refused(images):
     cfg, model, variables = make_case(equation=4)
-    with pytest.raises(ValueError, match=r'Eq\. \(3\) for now; this model is Eq\. \(4\)'):
+    with pytest.raises(ValueError, match=r'Eq\. \(3\) and QLNets for now; this model is '
+                                         r'Eq\. \(4\)'):
         slicing.slice_variables(cfg, variables, images, keep=0.5)
     cfg, _, variables = make_case()
     with pytest.raises(ValueError, match="unknown slicing method 'pca'"):
@@ -265,7 +290,7 @@ def test_other_equations_and_methods_are_refused(images):
 def test_stream_widths_are_validated():
     cfg = make_config()
     cfg.model.stream_widths = (4, 8, 16)
-    with pytest.raises(ValueError, match='needs model.equation=3 and model.mixing=True'):
+    with pytest.raises(ValueError, match='needs a QLNet, or model.equation=3 and model.mixing=True'):
         models.build(cfg.model)
     cfg.model.mixing = True
     models.build(cfg.model)

@@ -32,6 +32,7 @@ from qhnet import symmetry
 from qhnet.symmetry import groups
 from qhnet.symmetry.action import MAX_CONDITION
 from qhnet.symmetry.testing import random_variables
+from tests import authors_qlnet
 from tests.conftest import resize_images
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -56,7 +57,7 @@ def table1_architectures() -> dict[str, dict]:
     return found
 
 
-ARCHITECTURES = table1_architectures()
+ARCHITECTURES = {**table1_architectures(), 'qlnet': {'name': 'qlnet'}}  # and QLNet's block
 
 
 @pytest.fixture(scope='module')
@@ -173,6 +174,50 @@ def test_full_size_eq3_softball():
     assert result['error'] <= 1e-9, result
     result = symmetry.verify(spec, form32, element, images)
     assert result['error'] <= float32_tolerance(spec, result['kappa']), result
+
+
+def check_qlnet_symmetries(model, variables, images):
+    """QLNet: each stream's element alone, and the hidden permutations with their factor
+    scalings, keep the logits to 1e-9 (float64); GL(n) on any stream, and a scaling of one
+    factor without the other, change them."""
+    spec = symmetry.group_spec(model)
+    element = symmetry.sample(spec, jax.random.key(5), cond=10.0)
+    with jax.enable_x64(True):
+        form = symmetry.fold(spec, variables, np.float64)
+        for name, t in element['streams'].items():
+            result = symmetry.verify(spec, form, {'streams': {name: t}}, images)
+            assert result['error'] <= 1e-9 and result['invariant'], (name, result)
+            outside = symmetry.sample(spec, jax.random.key(6), cond=10.0, group={name: 'GL'},
+                                      hidden=False, force=True)['streams'][name]
+            result = symmetry.verify(spec, form, {'streams': {name: outside}}, images, force=True)
+            assert result['error'] > 1e-3 and not result['invariant'], (name, result)
+        assert symmetry.verify(spec, form, {'hidden': element['hidden']}, images)['error'] <= 1e-9
+        one_factor = {layer: dict(arrays) for layer, arrays in form.items()}
+        one_factor['stage2_block1']['coef'] = 2 * form['stage2_block1']['coef']
+        one_factor['stage2_block1']['coef_bias'] = 2 * form['stage2_block1']['coef_bias']
+        assert relative(symmetry.apply(spec, one_factor, images),
+                        symmetry.apply(spec, form, images)) > 1e-3
+
+
+def test_qlnet_streams_and_hidden_symmetries(images):
+    model, variables, _ = make_case('qlnet', 'hardball', 'ds')
+    check_qlnet_symmetries(model, variables, images)
+
+
+@pytest.mark.slow
+def test_full_size_qlnet50():
+    """The released QLNet's architecture at 224x224, on 2 real photos."""
+    model = models.build(config.row_config('qlnet50', 'imagenet1k').model)
+    images = authors_qlnet.photos()[:2]
+    variables = random_variables(model, images.shape)
+    spec = symmetry.group_spec(model)
+    assert [(s.name, s.width, s.group) for s in spec.streams] == [
+        ('stem', 64, 'scaled_permutation'), ('stage2_block1', 128, 'O'),
+        ('stage3_block1', 256, 'O'), ('stage4_block1', 512, 'O'), ('stage4_block3', 512, 'O')]
+    form32 = symmetry.fold(spec, variables)
+    assert relative(symmetry.apply(spec, form32, images), flax_logits(model, variables, images)) \
+        <= 1e-5
+    check_qlnet_symmetries(model, variables, images)
 
 
 # The spec, derived from the model.

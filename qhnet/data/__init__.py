@@ -1,4 +1,4 @@
-"""Input pipelines on grain: Fashion-MNIST, digits, any ImageFolder, ImageNet-100, TFDS.
+"""Input pipelines on grain: Fashion-MNIST, digits, any ImageFolder, ImageNet-1k and -100, TFDS.
 
 `open_dataset(config.data)` checks the config, finds and lists the data once, and returns
 a `Dataset`: its `info`, its `fingerprint`, and `batches(split, ...)`, an iterator over
@@ -11,7 +11,7 @@ The package, bottom up:
 
     core.py        DatasetInfo, the errors, the checked config.data settings, split types
     bundled.py     Fashion-MNIST (idx files) and digits, in memory
-    folders.py     ImageFolder trees and ImageNet-100
+    folders.py     ImageFolder trees, ImageNet-1k and ImageNet-100
     tfds.py        TFDS datasets prepared as array_record
     augment.py     RandAugment and random erasing (timm's definitions)
     transforms.py  decoding, crops, resizing, flips: one image

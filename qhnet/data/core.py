@@ -13,7 +13,7 @@ from qhnet import config
 
 SPLITS = ('train', 'test')
 # The datasets known by name; any other name is a prepared TFDS dataset.
-NAMES = ('fashion_mnist', 'digits', 'imagefolder', 'imagenet100')
+NAMES = ('fashion_mnist', 'digits', 'imagefolder', 'imagenet100', 'imagenet1k')
 DEFAULT_IMAGE_SIZE = 224
 # Pixel statistics in [0, 1] units: ImageNet's usual ones.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -69,6 +69,7 @@ class Settings:
     erasing_count: int
     num_workers: int
     class_list: str | None
+    eval_resize: str | None
 
 
 def read_settings(data_config) -> Settings:

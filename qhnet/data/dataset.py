@@ -13,7 +13,8 @@ from qhnet.data.core import (SPLITS, ArraySplit, DatasetInfo, RecordSplit, Setti
                              read_settings)
 
 _SOURCES = {'fashion_mnist': bundled.open_fashion_mnist, 'digits': bundled.open_digits,
-            'imagefolder': folders.open_imagefolder, 'imagenet100': folders.open_imagenet100}
+            'imagefolder': folders.open_imagefolder, 'imagenet100': folders.open_imagenet100,
+            'imagenet1k': folders.open_imagenet1k}
 
 
 def open_dataset(data_config) -> Dataset:
@@ -114,5 +115,5 @@ class Dataset:
             rand_augment_std=settings.rand_augment_std,
             fill=tuple(round(255 * m) for m in opened.mean),
             erasing=settings.erasing if augmented else 0.0,
-            erasing_count=settings.erasing_count)
+            erasing_count=settings.erasing_count, eval_resize=settings.eval_resize)
 

@@ -1,5 +1,6 @@
-"""Image folders: any `train/<class>/*`, `val/<class>/*` tree of JPEGs and PNGs, and ImageNet-100
-(the CMC class list over an ImageNet folder tree or a prepared TFDS imagenet2012)."""
+"""Image folders: any `train/<class>/*`, `val/<class>/*` tree of JPEGs and PNGs, ImageNet-1k (every
+class folder of such a tree) and ImageNet-100 (the CMC class list over an ImageNet folder tree or
+a prepared TFDS imagenet2012)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ _IMAGENET_SETUP = (
     'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in <manual_dir> and '
     'run once `tfds build imagenet2012 --data_dir=<data_dir> --manual_dir=<manual_dir> '
     '--file_format=array_record` (building may need TensorFlow; reading it here does not).')
+_IMAGENET1K_SETUP = (
+    'Pass --config.data.data_dir=DIR, an ImageNet-1k ImageFolder root: DIR/train/<wnid>/*.JPEG and '
+    'DIR/val/<wnid>/*.JPEG (the ILSVRC2012 validation images sorted into class folders), a folder '
+    'for each of the 1000 classes in both.')
 _IMAGEFOLDER_SETUP = (
     'Set config.data.data_dir to a folder holding train/<class>/* and val/<class>/* (JPEG or '
     'PNG images, one folder per class, the same class folders in both).')
@@ -62,6 +67,11 @@ def open_imagenet100(settings: Settings) -> Source:
     return _folder_source(settings, 'imagenet100', class_names, splits, 3,
                           {'tfds': version, **{split: {'count': splits[split].size}
                                                for split in splits}})
+
+
+def open_imagenet1k(settings: Settings) -> Source:
+    """ImageNet-1k as an ImageFolder tree: every class folder of train/ (or the class list's)."""
+    return open_imagefolder(settings, None, 'imagenet1k', _IMAGENET1K_SETUP)
 
 
 def open_imagefolder(settings: Settings, class_names: tuple[str, ...] | None = None,

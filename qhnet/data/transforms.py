@@ -1,6 +1,7 @@
 """What happens to one image: decoding (libjpeg-turbo through simplejpeg, else PIL), crops
-(random-resized, central, padded), OpenCV's bilinear resize, flips, RandAugment and the
-random-erasing boxes, each drawn from its own random stream of (seed, stream position)."""
+(random-resized, central, padded), OpenCV's bilinear resize (or timm's PIL evaluation resize),
+flips, RandAugment and the random-erasing boxes, each drawn from its own random stream of
+(seed, stream position)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Transform:
     fill: tuple[int, ...]  # RandAugment's fill: the dataset mean, per native channel
     erasing: float
     erasing_count: int
+    eval_resize: str | None = None  # config.data.eval_resize: how central crops are made
 
     def rng(self, stream: int, position: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, stream, position))
@@ -75,6 +77,8 @@ class Transform:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise CorruptImageError(f'cannot decode image {where()}: {e}. Replace or delete the '
                                     'file and run again') from e
+        if self.variable_size and not self.augment and self.eval_resize == 'pil':
+            return resize_and_center_crop(pixels, size)
         height, width = pixels.shape[:2]
         flip = False
         if not self.variable_size or (width, height) == (size, size):
@@ -192,6 +196,22 @@ def central_crop_box(width: int, height: int, size: int) -> tuple[float, float, 
     side = min(width, height) * size / round(size / CENTRAL_CROP_FRACTION)
     left, top = (width - side) / 2, (height - side) / 2
     return left, top, left + side, top + side
+
+
+def resize_and_center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """timm's evaluation transform, as torchvision computes it on a PIL image: Resize of the
+    shorter side to floor(size / 0.875) by PIL's bilinear filter (antialiased), then
+    CenterCrop(size). uint8 [size, size, channels] of uint8 [H, W, channels] `pixels`."""
+    height, width, channels = pixels.shape
+    short = math.floor(size / CENTRAL_CROP_FRACTION)
+    if width <= height:
+        new_width, new_height = short, int(short * height / width)
+    else:
+        new_width, new_height = int(short * width / height), short
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    resized = np.asarray(image.resize((new_width, new_height), Image.Resampling.BILINEAR))
+    top, left = round((new_height - size) / 2), round((new_width - size) / 2)
+    return resized[top:top + size, left:left + size].reshape(size, size, channels)
 
 
 def hash_bits(seed: int, positions: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""The model zoo: QHNet (the ResNet50-shaped network of quasi-linear blocks) and the
-baselines, all built from a config's `model` section by `build`.
+"""The model zoo: QHNet (the ResNet50-shaped network of quasi-linear blocks), QLNet (the same
+network of QLNet's blocks, the authors' released model) and the baselines, all built from a
+config's `model` section by `build`.
 
 Every model is a linen Module on NHWC float images:
 
@@ -11,8 +12,8 @@ Every model is a linen Module on NHWC float images:
 
     activations.py   relu, hardtanh, hardball, softball, identity
     derivative.py    the learned derivative operator K and its XLA programs
-    blocks.py        the quasi-linear block family, Eqs. (3)-(7)
-    network.py       QHNet: stem, stages of blocks, pooling, head
+    blocks.py        the quasi-linear block family, Eqs. (3)-(7) and QLNet's
+    network.py       QHNet (and QLNet): stem, stages of blocks, pooling, head
     baselines.py     ResNet50, MobileNetV3-Large
 """
 
@@ -42,13 +43,14 @@ def build(model_config: ml_collections.ConfigDict) -> nn.Module:
     if model_config.name == 'mobilenet_v3_large':
         return MobileNetV3Large(num_classes=model_config.num_classes, dtype=dtype,
                                 stem=model_config.stem)
+    qlnet = model_config.name == 'qlnet'  # QLNet's block: K with 2 kernels per channel
     return QHNet(
-        equation=model_config.equation,
+        equation='qlnet' if qlnet else model_config.equation,
         activation=model_config.activation,
         placement=model_config.placement,
-        multiplier=model_config.multiplier,
-        weight_sharing=model_config.weight_sharing,
-        mixing=model_config.mixing,
+        multiplier=2 if qlnet else model_config.multiplier,
+        weight_sharing=False if qlnet else model_config.weight_sharing,
+        mixing=False if qlnet else model_config.mixing,
         stem=model_config.stem,
         widths=tuple(model_config.widths),
         depths=tuple(model_config.depths),

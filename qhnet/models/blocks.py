@@ -1,4 +1,5 @@
-"""The quasi-linear block family: paper Eqs. (3)-(7) (docs/design.md, 'The block family').
+"""The quasi-linear block family: paper Eqs. (3)-(7) and QLNet's block, the authors' released
+model's (equation 'qlnet'; docs/design.md, 'The block family').
 
 Notation: the block input `u` has n channels, the output n' (n, or 2n in the first
 block of stages 2-4); m is the multiplier. C, A are 1x1 convs (no bias), K the
@@ -36,11 +37,17 @@ from qhnet.models.derivative import DEFAULT_IMPL, Derivative
 EQUATIONS = config.EQUATIONS
 
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+LINEAR_INIT = nn.initializers.variance_scaling(1.0, 'fan_out', 'normal')  # QLNet's, every conv
 
 
 def identity_init(key, shape, dtype=jnp.float32):
     del key
     return jnp.eye(*shape, dtype=dtype)
+
+
+def qlnet_width(n: int) -> int:
+    """w, the product channels of QLNet's block on n input channels: 4n up to 128, else 2n."""
+    return (4 if n <= 128 else 2) * n
 
 
 class Conv1x1(nn.Module):
@@ -50,10 +57,11 @@ class Conv1x1(nn.Module):
     features: int
     stride: int = 1
     dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = CONV_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param('kernel', CONV_INIT, (1, 1, x.shape[-1], self.features))
+        kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
         if self.stride > 1:  # 'SAME' padding of a 1x1 kernel: pixels 0, s, 2s, ...
             x = x[:, ::self.stride, ::self.stride]
         pixels = x.astype(self.dtype).reshape(-1, x.shape[-1])
@@ -61,9 +69,10 @@ class Conv1x1(nn.Module):
 
 
 class QuasiLinearBlock(nn.Module):
-    """One residual block y = act(shortcut(u) + q(u)) with q(u) from paper Eq. (`equation`)."""
+    """One residual block y = act(shortcut(u) + q(u)) with q(u) from paper Eq. (`equation`), or
+    QLNet's block (`equation='qlnet'`)."""
     features: int
-    equation: int = 3
+    equation: int | str = 3    # 3-7, or 'qlnet'
     multiplier: int = 4
     weight_sharing: bool = True
     stride: int = 1
@@ -71,23 +80,29 @@ class QuasiLinearBlock(nn.Module):
     activation: str = 'identity'
     dtype: jnp.dtype = jnp.float32
     derivative_impl: str = DEFAULT_IMPL  # how K is computed (qhnet.models.derivative); same params and results
-    hidden: int | None = None    # Eq. (3): n, the channels j of the product; None: u's channels
+    hidden: int | None = None    # channels j of the product; None: u's (Eq. 3), qlnet_width (QLNet)
     radius: float | None = None  # of a ball activation; None: sqrt(features)
 
     @nn.compact
     def __call__(self, u: jax.Array, train: bool = False) -> jax.Array:
-        if self.hidden not in (None, u.shape[-1]) and not (self.equation == 3 and self.mixing):
+        if (self.hidden not in (None, u.shape[-1]) and self.equation != 'qlnet'
+                and not (self.equation == 3 and self.mixing)):
             raise ValueError(f'a block reading {u.shape[-1]} stream channels with hidden width '
                              f'{self.hidden} needs Eq. (3) with mixing=True (its k x n map E); '
                              f'got Eq. ({self.equation}), mixing={self.mixing}')
-        update = {3: self.eq3, 4: self.eq4, 5: self.eq5, 6: self.eq6, 7: self.eq7}[self.equation]
+        update = {3: self.eq3, 4: self.eq4, 5: self.eq5, 6: self.eq6, 7: self.eq7,
+                  'qlnet': self.qlnet}[self.equation]
         y = self.shortcut(u, train) + update(u, train)
         return activations.get(self.activation, self.radius)(y)
 
     # Building blocks shared by the equations.
 
+    @property
+    def kernel_init(self) -> nn.initializers.Initializer:
+        return LINEAR_INIT if self.equation == 'qlnet' else CONV_INIT
+
     def conv1x1(self, features: int, name: str, stride: int = 1) -> Callable:
-        return Conv1x1(features, stride, dtype=self.dtype, name=name)
+        return Conv1x1(features, stride, dtype=self.dtype, kernel_init=self.kernel_init, name=name)
 
     def batch_norm(self, train: bool, name: str, zero_scale: bool = False) -> Callable:
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -96,7 +111,8 @@ class QuasiLinearBlock(nn.Module):
 
     def derivative(self, stride: int, expand: bool = True) -> Callable:
         return Derivative(self.multiplier, shared=self.weight_sharing, expand=expand, stride=stride,
-                          dtype=self.dtype, impl=self.derivative_impl, name='derivative')
+                          dtype=self.dtype, impl=self.derivative_impl,
+                          kernel_init=self.kernel_init, name='derivative')
 
     def mix(self, x: jax.Array, name: str, features: int | None = None) -> jax.Array:
         """A mixing map (n x features, features = n unless given; the identity, or its first
@@ -189,4 +205,21 @@ class QuasiLinearBlock(nn.Module):
         product = coef * jnp.repeat(self.mix(u, 'mix_in'), m, axis=-1)
         derivative = self.batch_norm(train, 'derivative_bn')(
             self.derivative(self.stride, expand=False)(product))
+        return self.output_norm(self.conv1x1(self.features, 'combine')(derivative), train)
+
+    def qlnet(self, u: jax.Array, train: bool) -> jax.Array:
+        """QLNet's block, the authors' released model (not among the paper's equations): the
+        derivative of a product of two affine maps of u,
+
+            du_i/dt = sum_j A_ij d/dx [ (C_j u + c_j)(D_j u + e_j) ] + (d/dy terms),
+
+            q(u) = BN_o(A BN_d(K_s[ (BN_c(C u))_first w * (BN_c(C u))_last w ])),
+            C: n -> 2w, w = `qlnet_width(n)`, K: w -> mw (m = 2, a kernel per channel), A: mw -> n'
+
+        The two halves of C's output (one BN over all 2w) are multiplied; the stride sits in K.
+        """
+        width = self.hidden or qlnet_width(u.shape[-1])
+        coef = self.batch_norm(train, 'coef_bn')(self.conv1x1(2 * width, 'coef')(u))
+        product = coef[..., :width] * coef[..., width:]
+        derivative = self.batch_norm(train, 'derivative_bn')(self.derivative(self.stride)(product))
         return self.output_norm(self.conv1x1(self.features, 'combine')(derivative), train)

@@ -314,11 +314,12 @@ class Derivative(nn.Module):
     stride: int = 1
     dtype: jnp.dtype = jnp.float32
     impl: str = DEFAULT_IMPL
+    kernel_init: nn.initializers.Initializer = DERIVATIVE_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         outputs = x.shape[-1] * (self.multiplier if self.expand else 1)
         stored = self.multiplier if self.shared else outputs
-        kernel = self.param('kernel', DERIVATIVE_INIT, (3, 3, 1, stored), jnp.float32)
+        kernel = self.param('kernel', self.kernel_init, (3, 3, 1, stored), jnp.float32)
         return depthwise_conv(x.astype(self.dtype), kernel, self.stride,
                               channel_multiplier=self.multiplier if self.expand else 1, impl=self.impl)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qhnet.models.blocks import CONV_INIT, QuasiLinearBlock
+from qhnet.models.blocks import CONV_INIT, LINEAR_INIT, QuasiLinearBlock, qlnet_width
 from qhnet.models.derivative import DEFAULT_IMPL, window
 
 
@@ -20,6 +20,7 @@ class Conv3x3Patches(nn.Module):
     features: int
     stride: int = 1
     dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = CONV_INIT
     # What nn.Conv's fields would say (qhnet.symmetry reads the stem's geometry).
     padding = ((1, 1), (1, 1))
 
@@ -31,7 +32,7 @@ class Conv3x3Patches(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         out_h, out_w = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
-        kernel = self.param('kernel', CONV_INIT, (3, 3, channels, self.features))
+        kernel = self.param('kernel', self.kernel_init, (3, 3, channels, self.features))
         padded = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         patches = jnp.concatenate([window(padded, dy, dx, self.stride, out_h, out_w)
                                    for dy in range(3) for dx in range(3)], axis=-1)
@@ -60,13 +61,17 @@ class QHNet(nn.Module):
     `derivative_impl` picks K's XLA program (`qhnet.models.derivative.IMPLEMENTATIONS`). Neither
     changes the parameters or the function.
 
-    `stream_widths` (a sliced model, `qhnet.symmetry.slicing`; Eq. (3) with mixing maps):
+    `equation='qlnet'`: QLNet's block (`QuasiLinearBlock.qlnet`, product width
+    `qlnet_width(n)`), every conv initialised as QLNet's (Kaiming normal, fan_out, gain 1).
+
+    `stream_widths` (a sliced model, `qhnet.symmetry.slicing`; Eq. (3) with mixing maps, or
+    QLNet):
     the residual stream of stage s, the stem's for stage 1, has `stream_widths[s]` channels
     instead of `widths[s]`. `widths` stay the hidden widths: a block's product keeps its
     `multiplier * widths` channels (`QuasiLinearBlock.hidden`, read through a rectangular
     E), and the ball activations keep the radius sqrt(widths[s]).
     """
-    equation: int = 3
+    equation: int | str = 3  # 3-7, or 'qlnet' (QLNet's block; QLNet's Kaiming 'linear' init)
     activation: str = 'softball'
     placement: str = 'ds'
     multiplier: int = 4
@@ -87,12 +92,13 @@ class QHNet(nn.Module):
         sliced = self.stream_widths is not None
         streams = tuple(self.stream_widths) if sliced else tuple(self.widths)
         x = images.astype(self.dtype)
+        stem_init = LINEAR_INIT if self.equation == 'qlnet' else CONV_INIT
         if self.stem == 'imagenet':
             x = nn.Conv(streams[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                        kernel_init=CONV_INIT, dtype=self.dtype, name='stem_conv')(x)
+                        kernel_init=stem_init, dtype=self.dtype, name='stem_conv')(x)
         else:
             x = Conv3x3Patches(streams[0], stride=2 if self.stem == 'small_stride2' else 1,
-                               dtype=self.dtype, name='stem_conv')(x)
+                               dtype=self.dtype, kernel_init=stem_init, name='stem_conv')(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name='stem_bn')(x)
         x = nn.relu(x)
@@ -105,6 +111,8 @@ class QHNet(nn.Module):
                 carries_activation = (self.placement == 'all' or downsamples
                                       or (stage, index) == last)
                 hidden = self.widths[stage - 1] if downsamples else width
+                if self.equation == 'qlnet':
+                    hidden = qlnet_width(hidden)
                 x = block(
                     features=streams[stage],
                     equation=self.equation,

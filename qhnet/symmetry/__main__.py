@@ -48,7 +48,7 @@ and OUT/slice.json: params_before, params_after, top1_before, top1_after (test s
 per stream, its width, the kept width, the explained variance and the FLOPs per image of
 the arrays it names, before and after. It refuses, as `verify` does, a bad --workdir or
 --output_workdir, and a --keep outside (0, 1], an unknown --method, --calibration_images
-< 1 and a model other than Eq. (3).
+< 1 and a model other than Eq. (3) or a QLNet.
 
   python -m qhnet.symmetry quantize --workdir=DIR --bits=w4a4 --transform=learned
       [--calibration_images=512] [--learn_steps=200] --output_workdir=OUT

@@ -56,10 +56,11 @@ def run_slice(workdir: str, output_workdir: str) -> dict:
     restored = restore(workdir, FLAGS.trust_unverified)
     step, config, variables = restored
     check_output(workdir, output_workdir, step)
-    if config.model.name != 'qhnet' or config.model.equation != 3:
-        raise CommandError(f'slicing covers QHNets of Eq. (3) for now; {workdir} holds a '
-                           f'{config.model.name} (equation {config.model.equation}); slice an '
-                           'Eq. (3) model (configs/eq3_*.py)')
+    if not (config.model.name == 'qlnet' or (config.model.name, config.model.equation) ==
+            ('qhnet', 3)):
+        raise CommandError(f'slicing covers QHNets of Eq. (3) and QLNets for now; {workdir} '
+                           f'holds a {config.model.name} (equation {config.model.equation}); '
+                           'slice an Eq. (3) model (configs/eq3_*.py) or a QLNet')
     dataset = data.open_dataset(config.data)
     images = first_images(dataset, 'train', FLAGS.calibration_images)
     spec = symmetry.group_spec(restored)

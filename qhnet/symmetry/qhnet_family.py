@@ -32,18 +32,23 @@ the depthwise 3x3 conv with the block's stride. After folding, the blocks read
     Eq. (5): q(u) = sum_groups[ (sub(u) C) * (K_s(u E) + d) ] E_out + a
     Eq. (6): q(u) = K_s((u E) * (u C)) A + a
     Eq. (7): q(u) = K_s((u C + c) * repeat_m(u E)) A + a
+    QLNet:   q(u) = K_s((u C + c) * (u D + e)) A + a
     y = act(sub(u) S + b + q(u))
 
-with keys coef = C, coef_bias = c, derivative = K, derivative_bias = d, mix_in = E, combine = A,
-mix_out = E_out, out_bias = a, shortcut = S, shortcut_bias = b. The folds:
+with keys coef = C, coef_bias = c, factor = D, factor_bias = e, derivative = K,
+derivative_bias = d, mix_in = E, combine = A, mix_out = E_out, out_bias = a, shortcut = S,
+shortcut_bias = b. QLNet's C and D are the two halves of its first 1x1 conv, whose product
+channel j is (u C + c)_j (u D + e)_j; its hidden scale multiplies C's column j (and c_j) and
+divides D's. The folds:
 
 - BN_d followed by a product (Eqs. 3, 5):
   (sub(u) C) * (K u s_d + t_d) = (sub(u) C s_d) * (K u + t_d / s_d),
   so C <- C diag(s_d), d = t_d / s_d (this needs s_d != 0; a zero scale is refused).
 - BN_d followed by A (Eq. 4): (K u s_d + t_d) A = (K u + t_d / s_d) diag(s_d) A,
   so A <- diag(s_d) A, d = t_d / s_d.
-  (Eqs. 6, 7): A <- diag(s_d) A diag(s_o), a = t_d A diag(s_o) + t_o, no division.
-- BN_c into the coefficient map (Eq. 7): C <- C diag(s_c), c = t_c.
+  (Eqs. 6, 7, QLNet): A <- diag(s_d) A diag(s_o), a = t_d A diag(s_o) + t_o, no division.
+- BN_c into the coefficient map (Eq. 7): C <- C diag(s_c), c = t_c; (QLNet) the same for
+  each half of the first 1x1 conv and of BN_c: C, c from the first w channels, D, e from the rest.
 - BN_o into the last linear map: A <- A diag(s_o) (Eqs. 3, 6, 7), E_out <- E_out diag(s_o)
   (Eqs. 4, 5), a = t_o.
 - A projection shortcut BN(sub(u) W): S = W diag(s), b = t; the identity shortcut: S = I, b = 0.
@@ -73,7 +78,8 @@ from qhnet.symmetry.structure import Block, Structure
 
 def uses_mix_in(structure: Structure) -> bool:
     """Eq. (4) with weight sharing needs no E: K commutes with channel mixing (docs/design.md)."""
-    return not (structure.equation == 4 and structure.weight_sharing)
+    return structure.equation != 'qlnet' and not (structure.equation == 4
+                                                  and structure.weight_sharing)
 
 
 def block_keys(structure: Structure) -> tuple[str, ...]:
@@ -83,8 +89,9 @@ def block_keys(structure: Structure) -> tuple[str, ...]:
                 'out_bias'),
             5: ('coef', 'derivative', 'derivative_bias', 'mix_in', 'mix_out', 'out_bias'),
             6: ('coef', 'mix_in', 'derivative', 'combine', 'out_bias'),
-            7: ('coef', 'coef_bias', 'mix_in', 'derivative', 'combine', 'out_bias')}[
-                structure.equation]
+            7: ('coef', 'coef_bias', 'mix_in', 'derivative', 'combine', 'out_bias'),
+            'qlnet': ('coef', 'coef_bias', 'factor', 'factor_bias', 'derivative', 'combine',
+                      'out_bias')}[structure.equation]
     if not uses_mix_in(structure):
         keys = tuple(k for k in keys if k != 'mix_in')
     return keys + ('shortcut', 'shortcut_bias')
@@ -102,7 +109,9 @@ def _stream_entries(structure: Structure, block: Block) -> tuple[list[Entry], li
     """(entries on the block's input stream, entries on its output stream), from its equation."""
     name, eq = block.name, structure.equation
     reads = [Entry((name, 'coef'), 0, 'in'), Entry((name, 'shortcut'), 0, 'in')]
-    if uses_mix_in(structure):
+    if eq == 'qlnet':
+        reads.append(Entry((name, 'factor'), 0, 'in'))
+    elif uses_mix_in(structure):
         reads.append(Entry((name, 'mix_in'), 0, 'in'))
     else:  # Eq. (4) with weight sharing: K(u T) = K(u) (T (x) I_m)
         m = structure.multiplier
@@ -121,6 +130,11 @@ def _hidden(structure: Structure, block: Block) -> Hidden:
         return Hidden(name, block.n_out, block.n_out, (
             HiddenEntry((name, 'coef'), 1, 1), HiddenEntry((name, 'combine'), 1, -1),
             HiddenEntry((name, 'mix_out'), 0, 0)))
+    if eq == 'qlnet':  # product channel j = (u C + c)_j (u D + e)_j: C up, D down
+        return Hidden(name, n, n, (
+            HiddenEntry((name, 'coef'), 1, 1), HiddenEntry((name, 'coef_bias'), 0, 1),
+            HiddenEntry((name, 'factor'), 1, -1), HiddenEntry((name, 'factor_bias'), 0, -1),
+            HiddenEntry((name, 'derivative'), 3, 0), HiddenEntry((name, 'combine'), 0, 0)))
     # Eqs. 3, 5, 6, 7: perm acts on the n channels j fed to the product with the derivative.
     entries = [HiddenEntry((name, 'mix_in'), 1, 0), HiddenEntry((name, 'coef'), 1, 1)]
     if not structure.weight_sharing:
@@ -200,10 +214,14 @@ def _fold_block(structure: Structure, variables, block: Block) -> dict[str, np.n
         form['combine'] = s_d[:, None] * matrix('combine')
     if eq in (4, 5):
         form['mix_out'] = mixing('mix_out', n_out) * s_o
-    if eq == 7:
+    if eq in (7, 'qlnet'):
         s_c, t_c = batch_norm(structure, variables, name, 'coef_bn')
         form['coef'], form['coef_bias'] = form['coef'] * s_c, t_c
-    if eq in (6, 7):
+    if eq == 'qlnet':  # the two halves of the first 1x1 conv and of BN_c
+        w = block.hidden
+        form['coef'], form['factor'] = form['coef'][:, :w], form['coef'][:, w:]
+        form['coef_bias'], form['factor_bias'] = form['coef_bias'][:w], form['coef_bias'][w:]
+    if eq in (6, 7, 'qlnet'):
         combine = matrix('combine')
         form['combine'] = s_d[:, None] * combine * s_o
         form['out_bias'] = (t_d @ combine) * s_o + t_o
@@ -259,6 +277,9 @@ def _block_update(structure: Structure, block: Block, p: dict, u: jax.Array,
         return dense(summed.reshape(*pixels, block.n_out), p['mix_out']) + p['out_bias']
     if eq == 6:
         product = dense(u, p['mix_in']) * dense(u, p['coef'])
+    elif eq == 'qlnet':
+        product = (dense(u, p['coef']) + p['coef_bias']) * (dense(u, p['factor'])
+                                                            + p['factor_bias'])
     else:
         product = (dense(u, p['coef']) + p['coef_bias']) * jnp.repeat(dense(u, p['mix_in']), m,
                                                                       axis=-1)
@@ -342,9 +363,13 @@ def unfold(spec: GroupSpec, form: dict, dtype=np.float32) -> dict:
         p, name = form[block.name], block.name
         bn_d = p['derivative_bias'] if 'derivative_bias' in p else np.zeros(p['combine'].shape[0])
         bp, bs = {}, {}
-        bp['coef'] = {'kernel': conv(p['coef'])}
-        if 'coef_bias' in p:
-            bp['coef_bn'], bs['coef_bn'] = identity_bn(structure, f'{name}/coef_bn', p['coef_bias'])
+        coef, coef_bias = p['coef'], p.get('coef_bias')
+        if 'factor' in p:  # QLNet: both halves in one 1x1 conv and one BN_c
+            coef = np.concatenate([coef, p['factor']], axis=1)
+            coef_bias = np.concatenate([coef_bias, p['factor_bias']])
+        bp['coef'] = {'kernel': conv(coef)}
+        if coef_bias is not None:
+            bp['coef_bn'], bs['coef_bn'] = identity_bn(structure, f'{name}/coef_bn', coef_bias)
         bp['derivative'] = {'kernel': p['derivative']}
         bp['derivative_bn'], bs['derivative_bn'] = identity_bn(
             structure, f'{name}/derivative_bn', bn_d)

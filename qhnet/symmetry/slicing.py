@@ -29,9 +29,11 @@ The sliced form is a Flax model (`models.QHNet` with `stream_widths` and mixing 
 k x n map E feeds each block's n-channel product) whose ball activations keep the radius
 sqrt(n) of the unsliced width. Its BatchNorms are written with the calibration statistics
 of their inputs, so that training mode starts from nearly the function of evaluation mode
-(`calibrate_batch_norms`). Eq. (3) models only, for now; a form of other equations is
-refused. The baseline without a continuous group, a ResNet50, is cut by `prune` into a
-smaller inference form (every stream a scaled permutation: selection or magnitude only).
+(`calibrate_batch_norms`). A QLNet is sliced the same way, with no maps to add: both halves
+of its first 1x1 conv read the k kept channels. Eq. (3) models and QLNets only, for now; a
+form of other equations is refused. The baseline without a continuous group, a ResNet50, is
+cut by `prune` into a smaller inference form (every stream a scaled permutation: selection
+or magnitude only).
 
     result = slice_variables(config, variables, calibration_images, keep=0.75)
     result.config, result.variables   # the sliced model: build, apply, train, fold again
@@ -84,15 +86,15 @@ class Sliced:
 
 def _check_model(spec: GroupSpec) -> None:
     structure = spec.structure
-    if not isinstance(structure, Structure) or structure.equation != 3:
+    if not isinstance(structure, Structure) or structure.equation not in (3, 'qlnet'):
         kind = (f'Eq. ({structure.equation})' if isinstance(structure, Structure)
                 else 'a baseline (ResNet50 or MobileNetV3)')
-        raise ValueError(f'slicing covers QHNets of Eq. (3) for now; this model is {kind}. '
-                         'Slice an Eq. (3) model (configs/eq3_*.py)')
+        raise ValueError(f'slicing covers QHNets of Eq. (3) and QLNets for now; this model is '
+                         f'{kind}. Slice an Eq. (3) model (configs/eq3_*.py) or a QLNet')
 
 
 def _check_prunable(spec: GroupSpec) -> None:
-    """Calibration and `prune` cover Eq. (3) QHNets and ResNet50s."""
+    """Calibration and `prune` cover Eq. (3) QHNets, QLNets and ResNet50s."""
     structure = spec.structure
     if isinstance(structure, BaselineStructure) and structure.model == 'ResNet50':
         return
@@ -187,8 +189,9 @@ def array_macs(spec: GroupSpec, form: dict, image_hw) -> dict[tuple[str, str], i
     macs = {('stem', 'kernel'): stem * stem_hw[0] * stem_hw[1]}
     for block, (hw_in, hw_out) in zip(structure.blocks, blocks):
         p = form[block.name]
-        for key, hw in (('coef', hw_out), ('mix_in', hw_in), ('combine', hw_out),
-                        ('shortcut', hw_out)):
+        coef_hw = hw_in if structure.equation == 'qlnet' else hw_out  # QLNet's product: full size
+        for key, hw in (('coef', coef_hw), ('factor', coef_hw), ('mix_in', hw_in),
+                        ('combine', hw_out), ('shortcut', hw_out)):
             if key in p:
                 macs[block.name, key] = int(np.prod(np.shape(p[key]))) * hw[0] * hw[1]
     macs['head', 'kernel'] = int(np.prod(np.shape(form['head']['kernel'])))
@@ -259,9 +262,9 @@ def stage_streams(spec: GroupSpec, model_config) -> list[str]:
 
 
 def sliced_config(config: ml_collections.ConfigDict, stream_widths) -> ml_collections.ConfigDict:
-    """`config` with the model's streams `stream_widths` wide (and its mixing maps)."""
+    """`config` with the model's streams `stream_widths` wide (and a QHNet's mixing maps)."""
     config = config.copy_and_resolve_references()
-    config.model.mixing = True
+    config.model.mixing = config.model.name == 'qhnet'
     config.model.stream_widths = tuple(int(k) for k in stream_widths)
     return config
 

@@ -24,7 +24,7 @@ import ml_collections
 
 from qhnet import models
 from qhnet.models import baselines
-from qhnet.models.blocks import QuasiLinearBlock
+from qhnet.models.blocks import QuasiLinearBlock, qlnet_width
 
 
 # QHNet.
@@ -39,14 +39,14 @@ class Block:
     carries_activation: bool  # ends with the model's activation ('ds': downsampling, or last)
     activation: str           # the model's activation if it carries it, else 'identity'
     projection: bool          # shortcut = BN(1x1 conv); otherwise the parameter-free identity
-    hidden: int = 0           # n, the channels j of the product (n_in unless sliced)
+    hidden: int = 0           # channels j of the product (n_in unless sliced; QLNet: its w)
     radius: float = 0.0       # of a ball activation: sqrt(n_out) unless sliced
 
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
     """Everything about a QHNet that its variables do not say; hashable (a jit static)."""
-    equation: int
+    equation: int | str      # 3-7, or 'qlnet'
     multiplier: int
     weight_sharing: bool
     mixing: bool
@@ -76,7 +76,8 @@ def trace_qhnet(model: models.QHNet) -> Structure:
                     name=path, n_in=n_in, n_out=module.features, stride=module.stride,
                     carries_activation=module.activation != 'identity', activation='',
                     projection=not (module.stride == 1 and n_in == module.features),
-                    hidden=module.hidden or n_in,
+                    hidden=module.hidden or (qlnet_width(n_in) if module.equation == 'qlnet'
+                                             else n_in),
                     radius=module.radius or float(module.features) ** 0.5))
             elif isinstance(module, nn.BatchNorm):
                 epsilons.append((path, float(module.epsilon)))

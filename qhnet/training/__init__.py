@@ -5,6 +5,7 @@ checkpoints that resume, roll back and verify themselves.
     summary = training.train_and_evaluate(config.row_config('eq3_softball', 'digits'), workdir)
     step, run_config, variables = training.restore_variables(workdir)
     scores = training.evaluate(run_config, variables)          # top1, top5, loss
+    record = training.evaluate_checkpoint(run_config, workdir)  # --evaluate_only
 
 The package, bottom up (each module imports only those above it):
 
@@ -15,6 +16,8 @@ The package, bottom up (each module imports only those above it):
     checkpoints.py  orbax checkpoints with content digests; restore_variables, save_variables
     metrics.py      metrics.jsonl, TensorBoard events, curves.png
     workdirs.py     the workdir: writable, and holding this experiment only
+    checkpoint_evaluation.py
+                    evaluate_checkpoint (--evaluate_only): a workdir's newest checkpoint, scored
     preflight.py    every check before anything is compiled or written
     loop.py         train_and_evaluate: the run loop, rollback, summary
 
@@ -30,6 +33,7 @@ _EXPORTS = {
     'restore_variables': 'checkpoints', 'save_variables': 'checkpoints',
     'CheckpointWriteError': 'checkpoints', 'CheckpointRestoreError': 'checkpoints',
     'IncompatibleWorkdirError': 'workdirs', 'WorkdirError': 'workdirs',
+    'evaluate_checkpoint': 'checkpoint_evaluation', 'EVALUATION_FILE': 'checkpoint_evaluation',
 }
 __all__ = sorted(_EXPORTS)
 
