@@ -57,15 +57,16 @@ def shapes_of(tree):
 
 
 @pytest.mark.parametrize('source', SOURCES)
-def test_converted_variables_are_the_models_and_apply(source):
+def test_converted_variables_are_the_models(source):
+    """The variables and their use by the model, traced (the slow test runs them)."""
     cfg = model_config(source)
     model = models.build(cfg)
     variables = convert.to_variables(source, random_state(source), cfg)
     assert shapes_of(variables) == shapes_of(core.template(model))
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(variables))
-    images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-    assert logits.shape == (2, 1000) and np.all(np.isfinite(logits))
+    images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+    assert logits.shape == (2, 1000)
 
 
 @pytest.mark.parametrize('source', SOURCES)

@@ -141,8 +141,8 @@ def test_bfloat16_compute_keeps_float32_parameters(digits):
 
 def block_inputs_and_outputs(model, variables, images):
     """[(name, block input, shortcut(input), block output)] in order, and the logits."""
-    logits, state = model.apply(variables, images, capture_intermediates=True,
-                                mutable=['intermediates'])
+    logits, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
+                                                     mutable=['intermediates']))(variables, images)
     captured = state['intermediates']
     x = jax.nn.relu(captured['stem_bn']['__call__'][0])
     if model.stem == 'imagenet':
@@ -176,7 +176,7 @@ def test_activation_placement(digits, layout, placement, carriers):
     reads the global average of the last block's output."""
     images = resize_images(digits[0][:2], 64 if not layout else 28, 3 if not layout else 1)
     model = models.build(qhnet_config(activation='softball', placement=placement, **layout))
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
     blocks, logits = block_inputs_and_outputs(model, variables, images)
     carriers = {name for name, *_ in blocks} if carriers is None else carriers
     assert carriers <= {name for name, *_ in blocks}

@@ -114,11 +114,13 @@ def test_a_qlnet_is_sliced_without_added_maps(images):
     function with the same parameters, and a slice is a QLNet of narrower streams that folds
     again and keeps its symmetry."""
     cfg, model, variables = make_case('hardball', name='qlnet')
-    exact = slicing.slice_variables(cfg, variables, images, keep=1.0, dtype=np.float64)
+    calibration = slicing.calibrate(cfg, variables, images)
+    exact = slicing.slice_variables(cfg, variables, images, keep=1.0, dtype=np.float64,
+                                    calibration=calibration)
     assert relative(logits64(exact.config.model, exact.variables, images),
                     logits64(cfg.model, variables, images)) < 1e-9
     assert slicing.count_params(exact.variables) == slicing.count_params(variables)
-    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5)
+    sliced = slicing.slice_variables(cfg, variables, images, keep=0.5, calibration=calibration)
     assert sliced.config.model.stream_widths == (8, 8, 16) and not sliced.config.model.mixing
     block = sliced.variables['params']['stage2_block1']
     assert block['coef']['kernel'].shape == (1, 1, 8, 64)  # k x 2w, w = 4 * 8 unsliced

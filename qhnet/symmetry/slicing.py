@@ -277,25 +277,33 @@ def calibrate_batch_norms(model: nn.Module, variables: dict, images: np.ndarray,
     with the mean and variance of its input over `images` as running statistics (and scale,
     bias to match), so that training mode, which normalises by batch statistics, starts from
     about the same function."""
-    sums: dict[str, list] = {}
+    model64 = model.clone(dtype=jnp.float64)
 
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-            x = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float64)
-            found = (x.shape[0], jnp.sum(x, 0), jnp.sum(x * x, 0))
-            path = '/'.join(context.module.scope.path)
-            sums[path] = [a + b for a, b in zip(sums[path], found)] if path in sums else list(found)
-        return next_fun(*args, **kwargs)
+    @jax.jit
+    def batch_sums(params, batch):  # {BN path: (rows, sum, sum of squares) of its input}
+        sums = {}
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+                x = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float64)
+                sums['/'.join(context.module.scope.path)] = (x.shape[0], jnp.sum(x, 0),
+                                                             jnp.sum(x * x, 0))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            model64.apply(params, batch, train=False)
+        return sums
 
     with jax.enable_x64(True):
         params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), variables)
-        model64 = model.clone(dtype=jnp.float64)
+        totals: dict[str, list] = {}
         for start in range(0, len(images), batch_size):
-            with nn.intercept_methods(record):
-                model64.apply(params64, jnp.asarray(images[start:start + batch_size], jnp.float64),
-                              train=False)
-        moments = {path: (np.asarray(s) / count, np.asarray(q) / count)
-                   for path, (count, s, q) in sums.items()}
+            found = batch_sums(params64, jnp.asarray(images[start:start + batch_size], jnp.float64))
+            for path, values in found.items():
+                values = [np.asarray(v, np.float64) for v in values]
+                totals[path] = ([a + b for a, b in zip(totals[path], values)] if path in totals
+                                else values)
+        moments = {path: (s / count, q / count) for path, (count, s, q) in totals.items()}
     new = jax.tree.map(np.asarray, variables)
     epsilons = dict(trace(model).epsilons)
     for path, (mean, square) in moments.items():
