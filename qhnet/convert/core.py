@@ -15,6 +15,7 @@ anything is written.
 
 from typing import Any, Mapping
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,16 +61,6 @@ def template(model, image_size: int = 224) -> dict[str, Any]:
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
 
 
-def _flat(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, (*prefix, key)))
-        else:
-            flat[(*prefix, key)] = value
-    return flat
-
-
 def fill(mapping: Mapping[str, Path], state_dict: Mapping[str, np.ndarray],
          shapes: Mapping[str, Any], source: str, dtype=np.float32) -> dict[str, Any]:
     """The variables that `state_dict` fills through `mapping`, as nested dicts of numpy
@@ -77,7 +68,7 @@ def fill(mapping: Mapping[str, Path], state_dict: Mapping[str, np.ndarray],
     docstring)."""
     tensors = {key: value for key, value in state_dict.items()
                if not key.endswith('num_batches_tracked')}
-    wanted = _flat(shapes)
+    wanted = traverse_util.flatten_dict(shapes)
     unknown_targets = sorted('/'.join(path) for path in set(mapping.values()) - set(wanted))
     if unknown_targets:  # a mapping that names variables the model lacks: ours to fix
         raise AssertionError(f'the {source} mapping names variables the model lacks: '
@@ -113,10 +104,4 @@ def fill(mapping: Mapping[str, Path], state_dict: Mapping[str, np.ndarray],
         if not np.all(np.isfinite(tensor)):
             raise ConversionError(f'{"/".join(name)} holds non-finite values: the file is '
                                   'damaged or not a trained model')
-    variables: dict[str, Any] = {}
-    for path, tensor in flat.items():
-        node = variables
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = tensor
-    return variables
+    return traverse_util.unflatten_dict(flat)

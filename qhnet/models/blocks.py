@@ -97,6 +97,11 @@ class QuasiLinearBlock(nn.Module):
 
     # Building blocks shared by the equations.
 
+    def hidden_width(self, n: int) -> int:
+        """The channels j of the product on n stream channels: `hidden` if set, else n
+        (QLNet: `qlnet_width(n)`)."""
+        return self.hidden or (qlnet_width(n) if self.equation == 'qlnet' else n)
+
     @property
     def kernel_init(self) -> nn.initializers.Initializer:
         return LINEAR_INIT if self.equation == 'qlnet' else CONV_INIT
@@ -141,7 +146,7 @@ class QuasiLinearBlock(nn.Module):
         Coefficient channel (j, k) multiplies derivative k of channel j; a sliced block
         reads k stream channels into n = `hidden` channels j (E: k x n).
         """
-        n, m = self.hidden or u.shape[-1], self.multiplier
+        n, m = self.hidden_width(u.shape[-1]), self.multiplier
         coef = self.conv1x1(m * n, 'coef', self.stride)(u)
         derivative = self.batch_norm(train, 'derivative_bn')(
             self.derivative(self.stride)(self.mix(u, 'mix_in', n)))
@@ -218,7 +223,7 @@ class QuasiLinearBlock(nn.Module):
 
         The two halves of C's output (one BN over all 2w) are multiplied; the stride sits in K.
         """
-        width = self.hidden or qlnet_width(u.shape[-1])
+        width = self.hidden_width(u.shape[-1])
         coef = self.batch_norm(train, 'coef_bn')(self.conv1x1(2 * width, 'coef')(u))
         product = coef[..., :width] * coef[..., width:]
         derivative = self.batch_norm(train, 'derivative_bn')(self.derivative(self.stride)(product))

@@ -24,7 +24,7 @@ import ml_collections
 
 from qhnet import models
 from qhnet.models import baselines
-from qhnet.models.blocks import QuasiLinearBlock, qlnet_width
+from qhnet.models.blocks import QuasiLinearBlock
 
 
 # QHNet.
@@ -76,8 +76,7 @@ def trace_qhnet(model: models.QHNet) -> Structure:
                     name=path, n_in=n_in, n_out=module.features, stride=module.stride,
                     carries_activation=module.activation != 'identity', activation='',
                     projection=not (module.stride == 1 and n_in == module.features),
-                    hidden=module.hidden or (qlnet_width(n_in) if module.equation == 'qlnet'
-                                             else n_in),
+                    hidden=module.hidden_width(n_in),
                     radius=module.radius or float(module.features) ** 0.5))
             elif isinstance(module, nn.BatchNorm):
                 epsilons.append((path, float(module.epsilon)))

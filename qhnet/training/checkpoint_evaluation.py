@@ -33,10 +33,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                           f'of the {jax.device_count()} devices (one equal shard each)')
     step, stored, variables = checkpoints.restore_variables(
         workdir, trust_unverified=config.checkpoint.trust_unverified)
-    ours, theirs = qhnet_config.to_json(config.model), qhnet_config.to_json(stored.model)
-    compared = sorted((set(ours) | set(theirs)) - set(workdirs.COMPUTE_ONLY_MODEL_FIELDS))
-    differences = [f'model.{key}: checkpoint has {theirs.get(key)!r}, --config has '
-                   f'{ours.get(key)!r}' for key in compared if ours.get(key) != theirs.get(key)]
+    # The model fields of the experiment's identity: those that fix what the variables mean.
+    ours, theirs = ({name: value for name, value in workdirs.identity(c).items()
+                     if name.startswith('model.')} for c in (config, stored))
+    differences = [f'{name}: checkpoint has {theirs.get(name)!r}, --config has '
+                   f'{ours.get(name)!r}' for name in sorted(set(ours) | set(theirs))
+                   if ours.get(name) != theirs.get(name)]
     if differences:
         raise workdirs.IncompatibleWorkdirError(
             f'the checkpoint of step {step} in {workdir} is another model than --config '
