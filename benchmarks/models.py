@@ -29,6 +29,12 @@ when other jobs share the machine; `--clock` to change); on an accelerator, wall
 the other compute dtype, and every other derivative implementation (`--impls`), so that
 each switch's effect on speed and memory sits in the same table.
 
+`--block-impls xla,pallas` times each Eq. (3) row without mixing maps once per block
+implementation (`model.block_impl`; 'pallas': the fused kernels of `qhnet.models.fused`),
+labelled `(block_impl=...)`; default `xla` alone. A pallas row's FLOPs are counted on its
+`xla` program (XLA counts nothing inside a Pallas kernel). A row other than ResNet50 that
+fails to compile is reported as failed, the others are still timed; the exit status is 1.
+
 Writes a markdown table (stdout and `--out`.md) and the raw numbers (`--out`.json); `--out`
 defaults to benchmarks/results/<device>/models (`timing.device_slug()`: cpu_2core,
 gpu_h200, ...), overwritten by a rerun.
@@ -39,6 +45,7 @@ import dataclasses
 import functools
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +61,8 @@ from qhnet.training import recipe, steps
 MODULE = 'benchmarks.models'
 BASELINE = 'ResNet50'
 MAIN = 'Eq. (3) softball@ds'
+# model.block_impl values a row can name ('auto' would hide which one ran).
+BLOCK_IMPLS = tuple(impl for impl in qhnet_config.BLOCK_IMPLS if impl != 'auto')
 # Table 1 row title -> its key in qhnet.config.ROWS.
 ROW_KEYS = {row.title: key for key, row in qhnet_config.ROWS.items()}
 # Dense (no sparsity) bfloat16 peak TFLOP/s by the words of jax's device_kind, the most
@@ -86,6 +95,7 @@ class Entry:
     dtype: str
     remat: bool = False
     impl: str | None = None  # QHNet rows: the derivative implementation
+    block_impl: str | None = None  # QHNet rows: how Eq. (3)'s product is computed
 
 
 def select_rows(spec: str) -> list[str]:
@@ -101,24 +111,41 @@ def select_rows(spec: str) -> list[str]:
     return rows
 
 
+def fusable(model_config) -> bool:
+    """Whether `block_impl` changes how the model computes: QHNet of Eq. (3) without mixing
+    maps, whose blocks `QuasiLinearBlock` can compute by the fused kernels."""
+    return model_config.name == 'qhnet' and model_config.equation == 3 and not model_config.mixing
+
+
+def block_entries(row: str, args) -> list[Entry]:
+    """The row's entries: one per `--block-impls` where the block implementation applies,
+    labelled `(block_impl=...)` unless it is `xla` alone; one, `xla`, elsewhere."""
+    model_config = row_config(row).model
+    if model_config.name != 'qhnet':
+        return [Entry(row, row, args.dtype)]
+    block_impls = args.block_impls if fusable(model_config) else ['xla']
+    labelled = block_impls != ['xla']
+    return [Entry(f'{row} (block_impl={block_impl})' if labelled else row, row, args.dtype,
+                  impl=args.impl, block_impl=block_impl) for block_impl in block_impls]
+
+
 def entries(args) -> list[Entry]:
     rows = [BASELINE] + [row for row in ROW_KEYS if row != BASELINE]
     if args.models != 'all':
         wanted = select_rows(args.models)
         rows = [BASELINE] + [row for row in rows if row in wanted and row != BASELINE]
     impl = args.impl
-    out = []
-    for row in rows:
-        is_qhnet = row_config(row).model.name == 'qhnet'
-        out.append(Entry(row, row, args.dtype, impl=impl if is_qhnet else None))
-    if args.variants and MAIN in rows:
+    out = [entry for row in rows for entry in block_entries(row, args)]
+    if args.variants and MAIN in rows:  # the switches below apply to the layers: block_impl xla
         other = 'bfloat16' if args.dtype == 'float32' else 'float32'
-        out.append(Entry(f'{MAIN} +remat', MAIN, args.dtype, remat=True, impl=impl))
+        xla = dict(impl=impl, block_impl='xla')
+        out.append(Entry(f'{MAIN} +remat', MAIN, args.dtype, remat=True, **xla))
         out.append(Entry(f'{BASELINE} {other}', BASELINE, other))
-        out.append(Entry(f'{MAIN} {other}', MAIN, other, impl=impl))
+        out.append(Entry(f'{MAIN} {other}', MAIN, other, **xla))
         for candidate in args.impls:
             if candidate != impl:
-                out.append(Entry(f'{MAIN} [K: {candidate}]', MAIN, args.dtype, impl=candidate))
+                out.append(Entry(f'{MAIN} [K: {candidate}]', MAIN, args.dtype, impl=candidate,
+                                 block_impl='xla'))
     return out
 
 
@@ -129,6 +156,7 @@ def build(entry: Entry, num_classes: int):
     if model_config.name == 'qhnet':
         model_config.remat = entry.remat
         model_config.derivative_impl = entry.impl
+        model_config.block_impl = entry.block_impl
     return models.build(model_config)
 
 
@@ -158,6 +186,18 @@ def peak_bytes(compiled) -> float:
                  - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
+def programs(model, optimizer, schedule, config):
+    """The jitted training step (state donated) and inference of `model`."""
+    # The batch holds the float32 images a model reads, so `inputs` passes them through
+    # (training makes them from uint8 batches inside the step).
+    step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
+                                     schedule=schedule, label_smoothing=config.label_smoothing,
+                                     inputs=lambda batch, key: batch['image']),
+                   donate_argnums=0)
+    infer = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+    return step, infer
+
+
 def prepare(entry: Entry, args, config) -> dict:
     """Compiles the training and inference programs of one model; returns the callables."""
     model = build(entry, args.num_classes)
@@ -170,14 +210,12 @@ def prepare(entry: Entry, args, config) -> dict:
     optimizer = recipe.make_optimizer(config, schedule)
     state = steps.create_train_state(model, optimizer, shape[1:], jax.random.key(0))
     count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.params))
-
-    # The batch holds the float32 images a model reads, so `inputs` passes them through
-    # (training makes them from uint8 batches inside the step).
-    step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
-                                     schedule=schedule, label_smoothing=config.label_smoothing,
-                                     inputs=lambda batch, key: batch['image']),
-                   donate_argnums=0)
-    infer = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+    step, infer = programs(model, optimizer, schedule, config)
+    # FLOPs are counted on the model's XLA program: the same function of the same variables.
+    counted_step, counted_infer = step, infer
+    if entry.block_impl not in (None, 'xla'):
+        layers = build(dataclasses.replace(entry, block_impl='xla'), args.num_classes)
+        counted_step, counted_infer = programs(layers, optimizer, schedule, config)
     key = jax.random.key(1)
     start = time.perf_counter()
     step_lowered = step.lower(state, batch, key)
@@ -199,8 +237,8 @@ def prepare(entry: Entry, args, config) -> dict:
 
     return dict(
         entry=entry, params=count, compile_seconds=compile_seconds,
-        flops_infer=requested_flops(infer, state.variables(), images) / args.batch,
-        flops_train=requested_flops(step, state, batch, key) / args.batch,
+        flops_infer=requested_flops(counted_infer, state.variables(), images) / args.batch,
+        flops_train=requested_flops(counted_step, state, batch, key) / args.batch,
         flops_train_compiled=flops(step_compiled) / args.batch,
         memory_train=peak_bytes(step_compiled), memory_infer=peak_bytes(infer_compiled),
         run_step=run_step, run_infer=run_infer, step_text=step_compiled.as_text)
@@ -208,10 +246,17 @@ def prepare(entry: Entry, args, config) -> dict:
 
 def measure(args) -> dict:
     config = qhnet_config.get_config()
-    prepared = []
+    prepared, failed = [], []
     for entry in entries(args):
         print(f'compiling {entry.label} ...', file=sys.stderr, flush=True)
-        item = prepare(entry, args, config)
+        try:
+            item = prepare(entry, args, config)
+        except Exception as error:  # the baseline must compile; any other row may fail alone
+            if entry.label == BASELINE:
+                raise
+            traceback.print_exc()
+            failed.append(dict(label=entry.label, error=failure(error)))
+            continue
         print(f'  {item["compile_seconds"]:.0f}s; {item["flops_infer"] / 1e9:.2f} GFLOP/img forward, '
               f'peak train {item["memory_train"] / 2**20:.0f} MiB', file=sys.stderr, flush=True)
         prepared.append(item)
@@ -230,7 +275,7 @@ def measure(args) -> dict:
                else item['flops_train'] * train_images_per_second / (args.peak_tflops * 1e12))
         rows.append(dict(
             label=entry.label, row=entry.row, dtype=entry.dtype, remat=entry.remat,
-            derivative_impl=entry.impl, params=item['params'],
+            derivative_impl=entry.impl, block_impl=entry.block_impl, params=item['params'],
             flops_infer_per_image=item['flops_infer'], flops_train_per_image=item['flops_train'],
             flops_train_compiled_per_image=item['flops_train_compiled'],
             peak_bytes_train=item['memory_train'], peak_bytes_infer=item['memory_infer'],
@@ -241,7 +286,13 @@ def measure(args) -> dict:
                 peak_tflops=args.peak_tflops, peak_tflops_source=args.peak_tflops_source,
                 image_size=args.image_size, num_classes=args.num_classes, dtype=args.dtype,
                 reps=args.reps, clock=args.clock, default_impl=DEFAULT_IMPL, git=timing.git_revision(),
-                load_average_at_end=timing.load_average(), note=args.note, rows=rows)
+                load_average_at_end=timing.load_average(), note=args.note, rows=rows, failed=failed)
+
+
+def failure(error: Exception) -> str:
+    """The first line of an error, with its type, at most 300 characters."""
+    lines = str(error).strip().splitlines() or ['']
+    return f'{type(error).__name__}: {lines[0]}'[:300]
 
 
 def markdown(report: dict) -> str:
@@ -268,13 +319,15 @@ def markdown(report: dict) -> str:
         f'{report["image_size"]}x{report["image_size"]} images, '
         f'{report["num_classes"]} classes, batch {batch}, compute dtype {report["dtype"]} unless the '
         f'label says otherwise, derivative implementation `{report["default_impl"]}` unless it says '
-        f'[K: ...]. Medians of {report["reps"]} interleaved repetitions. {report["note"]}',
+        f'[K: ...], block implementation `xla` unless it says (block_impl=...). Medians of '
+        f'{report["reps"]} interleaved repetitions. {report["note"]}',
         '',
         f'Speed ratios (`x RN50`, > 1 is faster than ResNet50) use '
         f'{"process CPU time (all threads), robust on a shared machine" if clock == "cpu" else "wall time"}'
         f'; img/s columns are wall clock. FLOPs: XLA cost analysis of the lowered program, per image '
         f'(a multiply-add is 2 FLOPs). Memory: XLA memory analysis of the compiled program '
-        f'(arguments + outputs - donated + temporaries), MiB. MFU: {mfu_text}.',
+        f'(arguments + outputs - donated + temporaries), MiB. MFU: {mfu_text}. A block_impl=pallas '
+        f'row\'s FLOPs are its model\'s, counted on its block_impl=xla program.',
         '',
         '| model | params (M) | x RN50 | GFLOPs fwd | x RN50 | train img/s | train x RN50 | '
         'infer img/s | infer x RN50 | train peak MiB | x RN50 | infer peak MiB | train MFU |',
@@ -295,6 +348,8 @@ def markdown(report: dict) -> str:
             f'| {"n/a" if row["mfu"] is None else format(row["mfu"], ".1%")} |')
     lines += ['', 'Spread (half inter-quartile range / median) of the training-step times: ' + ', '.join(
         f'{row["label"]} {timing.spread(row["train_seconds"][clock]):.0%}' for row in rows) + '.']
+    lines += [f'\nNot measured, failed to compile: {item["label"]} ({item["error"]}).'
+              for item in report.get('failed', [])]
     return '\n'.join(lines) + '\n'
 
 
@@ -309,6 +364,9 @@ def main(argv=None) -> None:
                              "(ResNet50 is always included; default: all)")
     parser.add_argument('--impl', choices=IMPLEMENTATIONS, default=DEFAULT_IMPL,
                         help='derivative implementation of the QHNet rows')
+    parser.add_argument('--block-impls', type=lambda s: s.split(','), default=['xla'],
+                        help="','-separated block implementations of the Eq. (3) rows without "
+                             f"mixing maps, one row each: {', '.join(BLOCK_IMPLS)} (default 'xla')")
     parser.add_argument('--variants', action='store_true',
                         help=f'add {MAIN} with remat, with the other dtype, with the other --impls; '
                              f'{BASELINE} with the other dtype')
@@ -330,6 +388,8 @@ def main(argv=None) -> None:
                         help='path stem for .md and .json outputs (default: '
                              'benchmarks/results/<device>/models)')
     args = parser.parse_args(argv)
+    if not set(args.block_impls) <= set(BLOCK_IMPLS):
+        parser.error(f'--block-impls {",".join(args.block_impls)}: choose from {", ".join(BLOCK_IMPLS)}')
     args.out = args.out or timing.results_stem('models')
     args.clock = args.clock or ('cpu' if jax.default_backend() == 'cpu' else 'wall')
     if args.peak_tflops is None:
@@ -342,6 +402,8 @@ def main(argv=None) -> None:
     text = markdown(report)
     print(text)
     timing.write_report(args.out, text, report)
+    if report['failed']:
+        raise SystemExit(f'failed: {", ".join(item["label"] for item in report["failed"])}')
 
 
 if __name__ == '__main__':

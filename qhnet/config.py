@@ -37,6 +37,7 @@ PLACEMENTS = ('ds', 'all')
 STEMS = ('imagenet', 'small', 'small_stride2')
 DTYPES = ('float32', 'bfloat16')
 DERIVATIVE_IMPLS = ('grouped', 'folded', 'stencil')
+BLOCK_IMPLS = ('auto', 'xla', 'pallas')
 DATA_FORMATS = ('auto', 'imagefolder', 'tfds')
 MAX_SEED = 2**32 - 1
 
@@ -137,6 +138,9 @@ MODEL = dict(
     derivative_impl=Field('stencil', 'QHNet, QLNet. XLA program for the derivative operator K '
                           '(qhnet.models.derivative); same parameters and results, different '
                           'speed.', 'str', DERIVATIVE_IMPLS),
+    block_impl=Field('auto', "QHNet. 'pallas': Eq. (3)'s product as fused kernels "
+                     "(qhnet.models.fused; blocks without mixing maps); 'xla': as layers; 'auto': "
+                     'per platform. Same parameters and results.', 'str', BLOCK_IMPLS),
     stream_widths=Field(None, "QLNet, or QHNet of Eq. (3) with mixing: each stage's residual-"
                         'stream width, narrower than `widths` (a model sliced by `python -m '
                         'qhnet.symmetry slice`).', 'ints', optional=True),

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from qhnet import config
-from qhnet.models import activations
+from qhnet.models import activations, fused
 from qhnet.models.derivative import DEFAULT_IMPL, Derivative
 
 EQUATIONS = config.EQUATIONS
@@ -68,6 +68,39 @@ class Conv1x1(nn.Module):
         return (pixels @ kernel[0, 0].astype(self.dtype)).reshape(*x.shape[:-1], self.features)
 
 
+class Weight(nn.Module):
+    """A layer's kernel alone, at <name>/kernel with the layer's shape and initializer, for code
+    that applies it itself (`QuasiLinearBlock.eq3_fused`)."""
+    shape: tuple[int, ...]
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param('kernel', self.kernel_init, self.shape)
+
+
+class FoldedBatchNorm(nn.Module):
+    """nn.BatchNorm's variables (names, initial values, running-average update) for a layer
+    that normalizes inside its own computation: `apply(scale, bias, mean, var)`, given the
+    running averages, returns its output and the batch's (mean, var)."""
+    features: int
+    use_running_average: bool
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, apply: Callable) -> jax.Array:
+        shape = (self.features,)
+        mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32))
+        var = self.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))
+        scale = self.param('scale', nn.initializers.ones, shape)
+        bias = self.param('bias', nn.initializers.zeros, shape)
+        output, (batch_mean, batch_var) = apply(scale, bias, mean.value, var.value)
+        if not self.use_running_average and not self.is_initializing():
+            mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
+            var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
+        return output
+
+
 class QuasiLinearBlock(nn.Module):
     """One residual block y = act(shortcut(u) + q(u)) with q(u) from paper Eq. (`equation`), or
     QLNet's block (`equation='qlnet'`)."""
@@ -80,6 +113,7 @@ class QuasiLinearBlock(nn.Module):
     activation: str = 'identity'
     dtype: jnp.dtype = jnp.float32
     derivative_impl: str = DEFAULT_IMPL  # how K is computed (qhnet.models.derivative); same params and results
+    block_impl: str = 'xla'  # 'pallas': Eq. (3) by fused kernels (eq3_fused); same params and results
     hidden: int | None = None    # channels j of the product; None: u's (Eq. 3), qlnet_width (QLNet)
     radius: float | None = None  # of a ball activation; None: sqrt(features)
 
@@ -147,10 +181,27 @@ class QuasiLinearBlock(nn.Module):
         reads k stream channels into n = `hidden` channels j (E: k x n).
         """
         n, m = self.hidden_width(u.shape[-1]), self.multiplier
+        if self.block_impl == 'pallas' and not self.mixing:
+            return self.output_norm(self.eq3_fused(u, train), train)
         coef = self.conv1x1(m * n, 'coef', self.stride)(u)
         derivative = self.batch_norm(train, 'derivative_bn')(
             self.derivative(self.stride)(self.mix(u, 'mix_in', n)))
         return self.output_norm(self.conv1x1(self.features, 'combine')(coef * derivative), train)
+
+    def eq3_fused(self, u: jax.Array, train: bool) -> jax.Array:
+        """Eq. (3)'s A [(C u) * BN_d(K u)] by the fused kernels of `qhnet.models.fused`, from the
+        variables of `eq3`'s layers (same names, shapes, initial values)."""
+        n, m = u.shape[-1], self.multiplier
+        coef = Weight((1, 1, n, m * n), self.kernel_init, name='coef')()
+        kernel = Weight((3, 3, 1, m if self.weight_sharing else m * n), self.kernel_init,
+                        name='derivative')()
+        combine = Weight((1, 1, m * n, self.features), self.kernel_init, name='combine')()
+
+        def apply(scale, bias, mean, var):
+            return fused.product(u.astype(self.dtype), coef[0, 0], kernel, scale, bias, combine[0, 0],
+                                 mean, var, multiplier=m, stride=self.stride, train=train)
+
+        return FoldedBatchNorm(m * n, not train, name='derivative_bn')(apply)
 
     def eq4(self, u: jax.Array, train: bool) -> jax.Array:
         """Eq. (4): du_i/dt = sum_k C_ik u_k sum_j A_ij du_j/dx + (D, B, d/dy terms).

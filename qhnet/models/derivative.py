@@ -132,7 +132,7 @@ def _stencil_forward(x, taps, stride):
                   for r in range(ratio)]
         total = jnp.stack(planes, axis=-1).reshape(batch, out_h, out_w, groups, 1, ratio)
         # Computed once: XLA:CPU otherwise recomputes the stencil inside each consumer.
-        total = jax.lax.optimization_barrier(total)
+        total = _stored_on_cpu(total)
     else:
         total = None
         for t, window in enumerate(windows):
@@ -180,6 +180,13 @@ def _transposed_stencil(g, taps, stride, height, width):
     return grid.reshape(batch, rows * stride, cols * stride, channels)[:, :height, :width]
 
 
+def _stored_on_cpu(x):
+    """x, materialised (an optimization barrier) on the CPU only: there it stops XLA from
+    recomputing x's producer inside each consumer; on the GPU it would stop the fusions that
+    keep x (mn channels, float32 for a cotangent) from being written at all."""
+    return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+
+
 def _variadic_sums(terms, axes):
     """jnp.stack([t.sum(axes) for t in terms]) as one variadic reduction: XLA:CPU fuses every
     term's producer into a single pass over the inputs instead of one pass per term."""
@@ -209,7 +216,7 @@ def _stencil_backward(stride, residuals, g):
     g = g.astype(taps.dtype).reshape(batch, out_h, out_w, groups * shared, ratio)
     # Computed once: XLA:CPU otherwise fuses the cotangent's producer (BN_d's backward)
     # into every consumer below.
-    g = jax.lax.optimization_barrier(g)
+    g = _stored_on_cpu(g)
     per_channel = jnp.broadcast_to(taps[:, None], (9, groups, shared, ratio)).reshape(9, -1, ratio)
     dx = _transposed_stencil(g, per_channel, stride, height, width)
     # Kernel gradient: dtaps[t] = sum of window_t(x) * g over batch, space and the channels

@@ -58,8 +58,9 @@ class QHNet(nn.Module):
     (depths ending in 1, as in the small-input variants), it carries the activation
     once, not twice. `remat=True` recomputes
     each block's activations in the backward pass (`nn.remat`: less memory, more compute);
-    `derivative_impl` picks K's XLA program (`qhnet.models.derivative.IMPLEMENTATIONS`). Neither
-    changes the parameters or the function.
+    `derivative_impl` picks K's XLA program (`qhnet.models.derivative.IMPLEMENTATIONS`);
+    `block_impl='pallas'` computes Eq. (3)'s blocks without mixing maps by fused kernels
+    (`qhnet.models.fused`). None of them changes the parameters or the function.
 
     `equation='qlnet'`: QLNet's block (`QuasiLinearBlock.qlnet`, product width
     `qlnet_width(n)`), every conv initialised as QLNet's (Kaiming normal, fan_out, gain 1).
@@ -84,6 +85,7 @@ class QHNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     derivative_impl: str = DEFAULT_IMPL
+    block_impl: str = 'xla'
     stream_widths: Sequence[int] | None = None
 
     @nn.compact
@@ -123,6 +125,7 @@ class QHNet(nn.Module):
                     activation=self.activation if carries_activation else 'identity',
                     dtype=self.dtype,
                     derivative_impl=self.derivative_impl,
+                    block_impl=self.block_impl,
                     hidden=hidden if sliced else None,
                     radius=float(np.sqrt(width)) if sliced else None,
                     name=f'stage{stage + 1}_block{index + 1}')(x, train)

@@ -28,7 +28,7 @@ IDENTITY_FIELDS = ('model', 'data.name', 'data.image_size', 'data.channels', 'da
                    'data.augment', 'data.rand_augment', 'data.rand_augment_magnitude',
                    'data.rand_augment_std', 'data.erasing', 'data.erasing_count', 'seed',
                    'batch_size', 'num_epochs', 'num_train_steps', 'optimizer', 'label_smoothing')
-COMPUTE_ONLY_MODEL_FIELDS = ('dtype', 'remat', 'derivative_impl')
+COMPUTE_ONLY_MODEL_FIELDS = ('dtype', 'remat', 'derivative_impl', 'block_impl')
 
 
 class IncompatibleWorkdirError(ValueError):

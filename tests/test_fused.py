@@ -1,0 +1,194 @@
+"""qhnet.models.fused: Eq. (3)'s fused product (Pallas, in the interpreter on the CPU) against
+the block's layers, in the forward pass, every gradient and a few training steps; and the
+kernels' lowering for the GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qhnet import config as qhnet_config
+from qhnet import data, models
+from qhnet.models import fused
+from qhnet.models.blocks import QuasiLinearBlock
+from qhnet.training import feeding, recipe, steps
+
+TOLERANCE = 1e-5  # float32, relative
+
+
+def assert_close(actual, expected, what='', per_array=True):
+    """Every entry within TOLERANCE of `expected`, relative to the largest entry of its array
+    (per_array) or of the whole tree (for parameters after training steps, where a small bias
+    near zero carries the rounding of large sums)."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), what
+    tree_scale = max(float(jnp.max(jnp.abs(e))) for e in jax.tree.leaves(expected))
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+        scale = float(jnp.max(jnp.abs(e))) if per_array else tree_scale
+        error = float(jnp.max(jnp.abs(a - e)))
+        assert error <= TOLERANCE * max(scale, 1e-30), (what, jax.tree_util.keystr(path), error, scale)
+
+
+def perturbed(variables, key):
+    """Every variable moved off its initial value (BN_o's zero scale, unit statistics)."""
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles smaller than the test images: several pixel blocks, channel chunks and output
+    blocks per program, as at full size."""
+    monkeypatch.setattr(fused, 'PIXELS', 16)
+    monkeypatch.setattr(fused, 'CHANNELS', 2)
+    monkeypatch.setattr(fused, 'OUTPUTS', 4)
+
+
+# (input height, width, channels), output channels, multiplier, stride, weight sharing:
+# strides 1 and 2, odd and even sizes, one bank shared by every channel and per-channel kernels.
+CASES = [((6, 8, 4), 4, 2, 1, True), ((7, 5, 4), 8, 2, 2, False),
+         pytest.param((5, 7, 8), 8, 4, 1, False, marks=pytest.mark.slow),
+         pytest.param((8, 6, 4), 8, 4, 2, True, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('shape,features,multiplier,stride,sharing', CASES)
+def test_fused_block_equals_the_layers(digits, small_tiles, shape, features, multiplier, stride,
+                                       sharing, request):
+    """Same variables at init; with every variable moved, the same output, BN statistics
+    update and gradients (parameters and input) in training, and the same output in
+    evaluation (and its gradients, in the slow cases)."""
+    height, width, channels = shape
+    images = jnp.asarray(digits[0][:2 * channels]).reshape(2, channels, 8, 8).transpose(0, 2, 3, 1)
+    u = images[:, :height, :width] - 0.3
+    settings = dict(features=features, multiplier=multiplier,
+                    weight_sharing=sharing, stride=stride, activation='softball')
+    layers = QuasiLinearBlock(**settings, block_impl='xla')
+    kernels = QuasiLinearBlock(**settings, block_impl='pallas')
+    variables = layers.init(jax.random.key(0), u)
+    assert_close(kernels.init(jax.random.key(0), u), variables, 'init')
+    variables = perturbed(variables, jax.random.key(1))
+    probe = jax.random.normal(jax.random.key(2), (2, *layers.apply(variables, u).shape[1:]))
+
+    def loss(block, params, u):
+        output, updates = block.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                      u, train=True, mutable=['batch_stats'])
+        return jnp.sum(output * probe), (output, updates)
+
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+    expected_grads, (expected, expected_stats) = grad(layers, variables['params'], u)
+    grads, (output, stats) = grad(kernels, variables['params'], u)
+    assert_close(output, expected, 'train output')
+    assert_close(stats, expected_stats, 'batch statistics')
+    assert_close(grads, expected_grads, 'gradients')
+    assert_close(kernels.apply(variables, u), layers.apply(variables, u), 'eval output')
+    if 'slow' not in request.keywords:
+        return
+    eval_grad = jax.grad(lambda block, v, u: jnp.sum(block.apply(v, u) * probe), argnums=(1, 2))
+    assert_close(eval_grad(kernels, variables, u), eval_grad(layers, variables, u), 'eval gradients')
+
+
+def train_steps(block_impl, count=3):
+    """The initial and the final state of `count` training steps of a 2-stage QHNet (m = 2)
+    on scikit-learn's digits."""
+    config = qhnet_config.get_config('digits')
+    config.model.widths, config.model.depths, config.model.multiplier = (8, 16), (1, 1), 2
+    config.model.block_impl = block_impl
+    config.optimizer.warmup_epochs, config.optimizer.base_lr = 0.0, 0.2
+    model = models.build(config.model)
+    schedule = recipe.learning_rate_schedule(config, 100, 1000)
+    optimizer = recipe.make_optimizer(config, schedule)
+    info = data.get_info(config.data)
+    state = steps.create_train_state(model, optimizer, info.image_shape, jax.random.key(0))
+    initial = jax.device_get(state)
+    step = steps.jit_train_step(feeding.make_mesh(), model=model, optimizer=optimizer, schedule=schedule,
+                                label_smoothing=config.label_smoothing, inputs=steps.model_inputs(info))
+    batches = data.make_iterator(config.data, 'train', batch_size=32, seed=0, train=True)
+    for index in range(count):
+        state, _ = step(state, next(batches), jax.random.key(index))
+    return initial, jax.device_get(state)
+
+
+def test_training_steps_give_the_same_parameters():
+    initial, expected = train_steps('xla')
+    _, state = train_steps('pallas')
+    assert int(state.step) == 3
+    # Past step 1 (BN_o's scale starts at zero) the fused branch's own weights move too.
+    for block in ('stage1_block1', 'stage2_block1'):
+        for layer in ('coef', 'derivative', 'combine'):
+            assert not np.array_equal(state.params[block][layer]['kernel'],
+                                      initial.params[block][layer]['kernel']), (block, layer)
+    assert_close(state.params, expected.params, 'parameters', per_array=False)
+    assert_close(state.batch_stats, expected.batch_stats, 'batch statistics', per_array=False)
+
+
+def test_the_layers_run_where_kernels_do_not_apply():
+    """Mixing maps keep the layers; 'auto' is the layers on the CPU; a bad name is refused."""
+    u = jnp.ones((1, 4, 4, 4))
+    settings = dict(features=4, mixing=True)
+    fused_variables = QuasiLinearBlock(**settings, block_impl='pallas').init(jax.random.key(0), u)
+    assert 'mix_in' in fused_variables['params']
+    assert fused.resolve('auto') == fused.AUTO[jax.default_backend()] == 'xla'
+    config = qhnet_config.get_config('digits')
+    config.model.block_impl = 'triton'
+    with pytest.raises(qhnet_config.ConfigError, match='block_impl'):
+        qhnet_config.validate(config)
+
+
+@pytest.mark.parametrize('stride,sharing', [(1, True), (2, False)])
+def test_kernels_lower_for_the_gpu(stride, sharing):
+    """Forward and backward lower through Pallas' Triton backend (GPU widths, bfloat16)."""
+    n, m, outputs = 64, 4, 128
+    args = (jnp.zeros((2, 14, 14, n), jnp.bfloat16), jnp.zeros((n, m * n)),
+            jnp.zeros((3, 3, 1, m if sharing else m * n)), jnp.ones(m * n), jnp.zeros(m * n),
+            jnp.zeros((m * n, outputs)), jnp.zeros(m * n), jnp.ones(m * n))
+
+    def loss(*args):
+        z, (mean, var) = fused.product(*args, multiplier=m, stride=stride, train=True, interpret=False)
+        return jnp.sum(z.astype(jnp.float32)) + jnp.sum(mean) + jnp.sum(var)
+
+    lowered = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).trace(*args).lower(
+        lowering_platforms=('cuda',))
+    assert lowered.as_text().count('xla.gpu.triton') == 4  # moments, forward, backward, input
+
+
+@pytest.mark.slow
+def test_bfloat16_block_agrees_to_bfloat16_rounding():
+    """In bfloat16 the kernels keep float32 between their steps and the layers round after each:
+    they agree to about a percent."""
+    u = jax.random.normal(jax.random.key(0), (4, 9, 9, 16))
+    settings = dict(features=32, stride=2, activation='softball', dtype=jnp.bfloat16)
+    layers = QuasiLinearBlock(**settings, block_impl='xla')
+    variables = perturbed(layers.init(jax.random.key(1), u), jax.random.key(2))
+
+    def run(block):
+        def loss(params, u):
+            output, _ = block.apply({'params': params, 'batch_stats': variables['batch_stats']}, u,
+                                    train=True, mutable=['batch_stats'])
+            return jnp.sum(output.astype(jnp.float32) * jnp.cos(u[:, ::2, ::2, :1])), output
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(variables['params'], u)
+
+    expected, fused_run = run(layers), run(QuasiLinearBlock(**settings, block_impl='pallas'))
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(fused_run), jax.tree.leaves(expected)):
+        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        assert np.max(np.abs(a - e)) <= 3e-2 * np.max(np.abs(e)), jax.tree_util.keystr(path)
+
+
+@pytest.mark.slow
+def test_the_224_network_lowers_for_the_gpu(monkeypatch):
+    """Every block of the 224x224 Eq. (3) network at batch 256 in bfloat16: a training step's
+    4 kernels per block lower for the GPU."""
+    config = qhnet_config.get_config()
+    config.model.dtype, config.model.block_impl = 'bfloat16', 'pallas'
+    model = models.build(config.model)
+    monkeypatch.setattr(fused.jax, 'default_backend', lambda: 'gpu')  # compile, not interpret
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+
+    def loss(params, batch_stats, images):
+        logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                train=True, mutable=['batch_stats'])
+        return jnp.sum(logits)
+
+    images = jax.ShapeDtypeStruct((256, 224, 224, 3), jnp.float32)
+    lowered = jax.jit(jax.grad(loss)).trace(variables['params'], variables['batch_stats'],
+                                            images).lower(lowering_platforms=('cuda',))
+    assert lowered.as_text().count('xla.gpu.triton') == 4 * sum(config.model.depths)
