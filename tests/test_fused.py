@@ -1,6 +1,10 @@
-"""qhnet.models.fused: Eq. (3)'s fused product (Pallas, in the interpreter on the CPU) against
+"""qhnet.models.fused (and fused_kernels): Eq. (3)'s fused product (Pallas, in the interpreter on the CPU) against
 the block's layers, in the forward pass, every gradient and a few training steps; and the
 kernels' lowering for the GPU."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +13,11 @@ import pytest
 
 from qhnet import config as qhnet_config
 from qhnet import data, models
-from qhnet.models import fused
+from qhnet.models import fused, fused_kernels
 from qhnet.models.blocks import QuasiLinearBlock
 from qhnet.training import feeding, recipe, steps
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5  # float32, relative
 
 
@@ -39,9 +44,9 @@ def perturbed(variables, key):
 def small_tiles(monkeypatch):
     """Tiles smaller than the test images: several pixel blocks, channel chunks and output
     blocks per program, as at full size."""
-    monkeypatch.setattr(fused, 'PIXELS', 16)
-    monkeypatch.setattr(fused, 'CHANNELS', 2)
-    monkeypatch.setattr(fused, 'OUTPUTS', 4)
+    monkeypatch.setattr(fused_kernels, 'PIXELS', 16)
+    monkeypatch.setattr(fused_kernels, 'CHANNELS', 2)
+    monkeypatch.setattr(fused_kernels, 'OUTPUTS', 4)
 
 
 # (input height, width, channels), output channels, multiplier, stride, weight sharing:
@@ -134,6 +139,50 @@ def test_the_layers_run_where_kernels_do_not_apply():
         qhnet_config.validate(config)
 
 
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from qhnet.models import fused, fused_kernels
+
+keys = jax.random.split(jax.random.key(0), 7)
+n, m, outputs = 4, 2, 8
+args = [jax.random.normal(keys[0], (4, 7, 6, n)), jax.random.normal(keys[1], (n, m * n)),
+        jax.random.normal(keys[2], (3, 3, 1, m)), 1 + 0.1 * jax.random.normal(keys[3], (m * n,)),
+        0.1 * jax.random.normal(keys[4], (m * n,)), jax.random.normal(keys[5], (m * n, outputs)),
+        jnp.zeros(m * n), jnp.ones(m * n)]
+probe = jax.random.normal(keys[6], (4, 4, 3, outputs))
+
+def loss(probe, *args):
+    z, (mean, var) = fused.product(*args, multiplier=m, stride=2, train=True)
+    return jnp.sum(z * probe) + jnp.sum(mean) + jnp.sum(var)
+
+step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(1, 7))))
+single = step(probe, *args)
+mesh = Mesh(np.array(jax.devices()), ('data',))
+split = [jax.device_put(a, NamedSharding(mesh, PartitionSpec('data'))) for a in (probe, args[0])]
+compiled = step.lower(*split, *args[1:]).compile()
+print('all-gathers', compiled.as_text().count('all-gather('))
+sharded = compiled(*split, *args[1:])
+print('input gradient', sharded[1][0].sharding.spec)
+worst = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+            for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)))
+print('relative difference', worst)
+"""
+
+
+def test_kernels_split_the_batch_over_devices():
+    """On a mesh of 2 CPU devices with the batch split, each device runs the kernels on its
+    own images (no all-gather), and the loss and gradients equal one device's."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert 'all-gathers 0' in result.stdout, result.stdout
+    assert "input gradient P('data'" in result.stdout, result.stdout
+    assert float(result.stdout.split('relative difference')[1]) <= TOLERANCE, result.stdout
+
+
 @pytest.mark.parametrize('stride,sharing', [(1, True), (2, False)])
 def test_kernels_lower_for_the_gpu(stride, sharing):
     """Forward and backward lower through Pallas' Triton backend (GPU widths, bfloat16)."""
@@ -144,7 +193,7 @@ def test_kernels_lower_for_the_gpu(stride, sharing):
 
     def loss(*args):
         z, (mean, var) = fused.product(*args, multiplier=m, stride=stride, train=True, interpret=False)
-        return jnp.sum(z.astype(jnp.float32)) + jnp.sum(mean) + jnp.sum(var)
+        return jnp.sum(jnp.square(z.astype(jnp.float32))) + jnp.sum(mean) + jnp.sum(var)
 
     lowered = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).trace(*args).lower(
         lowering_platforms=('cuda',))

@@ -13,6 +13,7 @@ Every model is a linen Module on NHWC float images:
     activations.py   relu, hardtanh, hardball, softball, identity
     derivative.py    the learned derivative operator K and its XLA programs
     fused.py         Eq. (3)'s product as fused Pallas kernels (model.block_impl='pallas')
+    fused_kernels.py those kernels
     blocks.py        the quasi-linear block family, Eqs. (3)-(7) and QLNet's
     network.py       QHNet (and QLNet): stem, stages of blocks, pooling, head
     baselines.py     ResNet50, MobileNetV3-Large
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from qhnet import config
-from qhnet.models import fused
 from qhnet.models.baselines import MobileNetV3Large, ResNet50
 from qhnet.models.blocks import QuasiLinearBlock
 from qhnet.models.network import QHNet
@@ -60,6 +60,6 @@ def build(model_config: ml_collections.ConfigDict) -> nn.Module:
         dtype=dtype,
         remat=model_config.remat,
         derivative_impl=model_config.derivative_impl,
-        block_impl=fused.resolve(model_config.block_impl),
+        block_impl=model_config.block_impl,
         stream_widths=(None if model_config.stream_widths is None
                        else tuple(model_config.stream_widths)))

@@ -113,7 +113,7 @@ class QuasiLinearBlock(nn.Module):
     activation: str = 'identity'
     dtype: jnp.dtype = jnp.float32
     derivative_impl: str = DEFAULT_IMPL  # how K is computed (qhnet.models.derivative); same params and results
-    block_impl: str = 'xla'  # 'pallas': Eq. (3) by fused kernels (eq3_fused); same params and results
+    block_impl: str = 'xla'  # 'pallas': Eq. (3) by fused kernels (eq3_fused); 'auto': per platform
     hidden: int | None = None    # channels j of the product; None: u's (Eq. 3), qlnet_width (QLNet)
     radius: float | None = None  # of a ball activation; None: sqrt(features)
 
@@ -181,7 +181,7 @@ class QuasiLinearBlock(nn.Module):
         reads k stream channels into n = `hidden` channels j (E: k x n).
         """
         n, m = self.hidden_width(u.shape[-1]), self.multiplier
-        if self.block_impl == 'pallas' and not self.mixing:
+        if fused.resolve(self.block_impl) == 'pallas' and not self.mixing:
             return self.output_norm(self.eq3_fused(u, train), train)
         coef = self.conv1x1(m * n, 'coef', self.stride)(u)
         derivative = self.batch_norm(train, 'derivative_bn')(

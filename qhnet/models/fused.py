@@ -7,311 +7,68 @@ computed without storing any of its mn-channel tensors in the forward pass. BN_d
 into a scale and a shift per derivative channel, from the batch moments of K u (training)
 or the running averages (evaluation). BN_o stays outside, on z's n' channels.
 
-Kernels (`pallas_call`, Triton on the GPU, the Pallas interpreter on the CPU):
-
-- moments:  per image and channel chunk, the sums of K u and (K u)^2 (training only);
-- forward:  per image, block of output pixels and block of output channels, z, with C u,
-            K u and the product in registers;
-- backward: per image and channel chunk, the product recomputed: the cotangents of the
-            coefficients and of K u, the product itself for dA, and the per-channel sums
-            that give BN_d's and K's gradients (K's through sum_o window_t(u) * cotangent);
-- input:    per image and block of input pixels, the transposed stencil of K's cotangent.
+The kernels (`qhnet.models.fused_kernels`; Triton on the GPU, the Pallas interpreter on the
+CPU): the batch moments of K u (training only); the forward pass, with C u, K u and the
+product in registers; the backward pass, which recomputes the product; and the transposed
+stencil for u's gradient through K.
 
 C's and A's gradients and the input gradient through C are XLA matrix products on the
-backward kernel's outputs. The channel axis of every mn-channel array here is derivative-
-major (k*n + j); the parameters keep the layers' layout (j*m + k), and `product` converts.
-`jax.grad` goes through a `custom_vjp`; forward-mode autodiff is not defined.
+backward kernel's outputs. Each kernel treats each image alone, and tells XLA's partitioner
+so (`custom_partitioning`): a batch split over devices stays split. The channel axis of
+every mn-channel array here is derivative-major (k*n + j); the parameters keep the layers'
+layout (j*m + k), and `product` converts. `jax.grad` goes through a `custom_vjp`;
+forward-mode autodiff is not defined.
 """
 
 import functools
-import itertools
-import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
-try:
-    from jax.experimental.pallas import triton as pltriton
-except ImportError:  # a jax without Pallas' Triton backend: only block_impl='xla' runs
-    pltriton = None
+from qhnet.models import fused_kernels as kernels
 
 # What model.block_impl='auto' runs on each platform. The fused kernels are checked against
 # the layers on the CPU (in the interpreter) and lower for the GPU (Triton); the GPU's entry
 # becomes 'pallas' once benchmarks/gpu_quick.sh measures them faster there.
 AUTO = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
 
-PIXELS = 64     # output (or input) pixels per program
-CHANNELS = 32   # channels j per step
-OUTPUTS = 64    # output channels per forward program
-TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
-
 
 def resolve(impl: str) -> str:
-    """The block implementation ('xla' or 'pallas') that `impl` names on this platform."""
+    """The block implementation ('xla' or 'pallas') that `impl` names on this platform (read
+    when a model is traced, not built: building one starts no backend)."""
     return AUTO.get(jax.default_backend(), 'xla') if impl == 'auto' else impl
 
 
-def _chunk(size: int, cap: int) -> int:
-    """The largest power of two up to `cap` (a power of two) that divides `size`."""
-    return math.gcd(size, cap)
+def _per_image(call, batched, *args, **static):
+    """call(*args, **static), whose first `batched` arguments and every output lead with the
+    batch axis and whose kernels treat each image alone, split over the devices that hold the
+    batch, each running `call` on its own images (XLA cannot split a kernel: it would run the
+    whole batch on every device)."""
+    def run(*arrays):
+        return call(*arrays, **static)
 
+    def shardings(mesh, arg_shapes, result_shape):
+        spec = arg_shapes[0].sharding.spec
+        lead = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
+        whole = NamedSharding(mesh, PartitionSpec())
+        return (jax.tree.map(lambda _: lead, result_shape),
+                tuple(lead if i < batched else whole for i in range(len(arg_shapes))))
 
-def _range(start, size):  # start, start + 1, ..., start + size - 1
-    return start + jnp.arange(size, dtype=jnp.int32)
+    def partition(mesh, arg_shapes, result_shape):
+        return (mesh, run) + shardings(mesh, arg_shapes, result_shape)
 
+    def dims(array, name, lead):  # the sharding rule's factors: only the batch is shared
+        return ' '.join(['batch'] * lead + [f'{name}_{i}' for i in range(lead, array.ndim)])
 
-def _load(ref, rows, cols, mask, dtype=jnp.float32):
-    """ref[rows, cols] (a 2-d gather) as `dtype`, zero where `mask` (one per row) is False."""
-    safe = jnp.where(mask, rows, 0)
-    return pltriton.load(ref.at[safe[:, None], cols[None, :]], mask=mask[:, None], other=0).astype(dtype)
-
-
-def _store(ref, rows, cols, mask, values):
-    """ref[rows, cols] = values where `mask` (rows past the end are masked: not clamped, they
-    stay distinct, so the interpreter's scatter drops them)."""
-    pltriton.store(ref.at[rows[:, None], cols[None, :]],
-                   values.astype(ref.dtype), mask=mask[:, None])
-
-
-def _dot(a, b, transpose_b=False):
-    """a @ b (or a @ b.T), float32 accumulation; float32 operands at full precision."""
-    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-class _Geometry:
-    """The spatial shapes of one layer and the output pixels of program block `block`."""
-
-    def __init__(self, height, width, stride):
-        self.height, self.width, self.stride = height, width, stride
-        self.out_h, self.out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-        self.outputs = self.out_h * self.out_w
-
-    def pixels(self, block):
-        pixels = _range(block * PIXELS, PIXELS)
-        return pixels, pixels < self.outputs
-
-    def window(self, pixels, valid, dy, dx):
-        """The input pixel that tap (dy, dx) of each output pixel reads, and whether it is
-        inside the image (zero padding outside)."""
-        oy, ox = pixels // self.out_w, pixels % self.out_w
-        iy, ix = self.stride * oy + dy - 1, self.stride * ox + dx - 1
-        inside = valid & (iy >= 0) & (iy < self.height) & (ix >= 0) & (ix < self.width)
-        return iy * self.width + ix, inside
-
-
-def _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m):
-    """K u on a (pixels, chans) tile: m arrays, d_k = sum_t taps[t, k] * window_t(u)."""
-    ders = [0.0] * m
-    for t, (dy, dx) in enumerate(TAPS):
-        window = _window(u_ref, geometry, pixels, valid, dy, dx, chans)
-        for k in range(m):
-            ders[k] = ders[k] + taps_ref[t, k, chans][None, :] * window
-    return ders
-
-
-def _window(u_ref, geometry, pixels, valid, dy, dx, chans):
-    index, inside = geometry.window(pixels, valid, dy, dx)
-    return _load(u_ref, index, chans, inside)
-
-
-def _coefficients(u_ref, ck_ref, geometry, pixels, valid, chans, k):
-    """(C_k u)[pixels, chans], u read at the strided centre pixels."""
-    index, inside = geometry.window(pixels, valid, 1, 1)
-    n = ck_ref.shape[1]
-    step = _chunk(n, CHANNELS)
-
-    def body(ic, total):
-        inputs = _range(ic * step, step)
-        stream = _load(u_ref, index, inputs, inside, u_ref.dtype)
-        return total + _dot(stream, ck_ref[k, inputs[:, None], chans[None, :]])
-
-    return jax.lax.fori_loop(0, n // step, body, jnp.zeros((PIXELS, chans.shape[0]), jnp.float32))
-
-
-def _moments_kernel(u_ref, taps_ref, sums_ref, *, geometry, m):
-    """sums[0, k, j] = sum of d_k, sums[1, k, j] = sum of d_k^2 over one image's pixels."""
-    step = _chunk(u_ref.shape[-1], CHANNELS)
-    chans = _range(pl.program_id(1) * step, step)
-
-    def body(block, sums):
-        pixels, valid = geometry.pixels(block)
-        ders = _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m)
-        return (tuple(s + d.sum(0) for s, d in zip(sums[0], ders)),
-                tuple(s + (d * d).sum(0) for s, d in zip(sums[1], ders)))
-
-    zeros = tuple(jnp.zeros((step,), jnp.float32) for _ in range(m))
-    sums = jax.lax.fori_loop(0, pl.cdiv(geometry.outputs, PIXELS), body, (zeros, zeros))
-    for power, k in itertools.product(range(2), range(m)):
-        sums_ref[power, k, chans] = sums[power][k]
-
-
-def _forward_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref, z_ref, *, geometry, m):
-    """z = sum over k and channel chunks of (C_k u * (scale_k K_k u + shift_k)) A_k on one
-    block of output pixels and output channels."""
-    pixels, valid = geometry.pixels(pl.program_id(1))
-    n, outputs = u_ref.shape[-1], z_ref.shape[-1]
-    width = _chunk(outputs, OUTPUTS)
-    outs = _range(pl.program_id(2) * width, width)
-    step = _chunk(n, CHANNELS)
-
-    def body(jc, total):
-        chans = _range(jc * step, step)
-        ders = _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m)
-        for k in range(m):
-            coef = _coefficients(u_ref, ck_ref, geometry, pixels, valid, chans, k)
-            product = coef * (scale_ref[k, chans][None, :] * ders[k] + shift_ref[k, chans][None, :])
-            total = total + _dot(product.astype(ak_ref.dtype), ak_ref[k, chans[:, None], outs[None, :]])
-        return total
-
-    total = jax.lax.fori_loop(0, n // step, body, jnp.zeros((PIXELS, width), jnp.float32))
-    _store(z_ref, pixels, outs, valid, total)
-
-
-def _partial_rows(m):
-    """Row offsets of the backward kernel's per-channel sums."""
-    rows = dict(dscale=0, dshift=m, window=2 * m, window_d=2 * m + 9, window_e=2 * m + 9 + 9 * m)
-    return rows, 2 * m + 9 + 18 * m
-
-
-def _backward_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref, dz_ref,
-                     dcoef_ref, product_ref, dnorm_ref, der_ref, sums_ref, *, geometry, m):
-    """Per channel chunk of one image, over all its output pixels: with e_k = dprod_k * coef_k
-    (the cotangent of BN_d's output), writes dcoef_k = dprod_k * BN_d(d_k), the product,
-    e_k * scale_k and d_k, and sums e*d, e, window_t(u), window_t(u) * d_k, window_t(u) * e_k."""
-    n, outputs = u_ref.shape[-1], dz_ref.shape[-1]
-    step = _chunk(n, CHANNELS)
-    chans = _range(pl.program_id(1) * step, step)
-    width = _chunk(outputs, OUTPUTS)
-    rows, count = _partial_rows(m)
-
-    def body(block, sums):
-        sums = list(sums)
-        pixels, valid = geometry.pixels(block)
-        ders = _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m)
-        for t, (dy, dx) in enumerate(TAPS):
-            sums[rows['window'] + t] += _window(u_ref, geometry, pixels, valid, dy, dx, chans).sum(0)
-        for k in range(m):
-            coef = _coefficients(u_ref, ck_ref, geometry, pixels, valid, chans, k)
-
-            def dprod_step(oc, total):
-                outs = _range(oc * width, width)
-                cotangent = _load(dz_ref, pixels, outs, valid, ak_ref.dtype)
-                return total + _dot(cotangent, ak_ref[k, chans[:, None], outs[None, :]], True)
-
-            dprod = jax.lax.fori_loop(0, outputs // width, dprod_step,
-                                      jnp.zeros((PIXELS, step), jnp.float32))
-            scale = scale_ref[k, chans][None, :]
-            normed = scale * ders[k] + shift_ref[k, chans][None, :]
-            dnorm = dprod * coef
-            columns = k * n + chans
-            _store(dcoef_ref, pixels, columns, valid, dprod * normed)
-            _store(product_ref, pixels, columns, valid, coef * normed)
-            _store(dnorm_ref, pixels, columns, valid, dnorm * scale)
-            _store(der_ref, pixels, columns, valid, ders[k])
-            sums[rows['dscale'] + k] += (dnorm * ders[k]).sum(0)
-            sums[rows['dshift'] + k] += dnorm.sum(0)
-            for t, (dy, dx) in enumerate(TAPS):  # windows read again, not kept in registers
-                window = _window(u_ref, geometry, pixels, valid, dy, dx, chans)
-                sums[rows['window_d'] + m * t + k] += (window * ders[k]).sum(0)
-                sums[rows['window_e'] + m * t + k] += (window * dnorm).sum(0)
-        return tuple(sums)
-
-    zeros = (jnp.zeros((step,), jnp.float32),) * count
-    sums = jax.lax.fori_loop(0, pl.cdiv(geometry.outputs, PIXELS), body, zeros)
-    for row, total in enumerate(sums):
-        sums_ref[row, chans] = total
-
-
-def _input_kernel(dnorm_ref, der_ref, taps_ref, dmean_ref, dsquare_ref, du_ref, *, geometry, m):
-    """du[p, j] = sum over taps t and k of taps[t, k, j] * dd_k[o, j] at the output pixel o that
-    reads p through tap t, with dd_k = e_k * scale_k + ds1_k + 2 ds2_k d_k (K's cotangent)."""
-    n = du_ref.shape[-1]
-    step = _chunk(n, CHANNELS)
-    chans = _range(pl.program_id(2) * step, step)
-    pixels = _range(pl.program_id(1) * PIXELS, PIXELS)
-    valid = pixels < geometry.height * geometry.width
-    py, px = pixels // geometry.width, pixels % geometry.width
-    s = geometry.stride
-    total = jnp.zeros((PIXELS, step), jnp.float32)
-    for t, (dy, dx) in enumerate(TAPS):
-        ny, nx = py - dy + 1, px - dx + 1
-        oy, ox = ny // s, nx // s
-        reads = (valid & (ny >= 0) & (nx >= 0) & (ny % s == 0) & (nx % s == 0)
-                 & (oy < geometry.out_h) & (ox < geometry.out_w))
-        index = oy * geometry.out_w + ox
-        for k in range(m):
-            columns = k * n + chans
-            cotangent = (_load(dnorm_ref, index, columns, reads)
-                         + jnp.where(reads[:, None], dmean_ref[k, chans][None, :], 0.0)
-                         + 2 * dsquare_ref[k, chans][None, :] * _load(der_ref, index, columns, reads))
-            total = total + taps_ref[t, k, chans][None, :] * cotangent
-    _store(du_ref, pixels, chans, valid, total)
-
-
-def _image(rows, cols):
-    """One image's (rows, cols) slab of a (B, rows, cols) array."""
-    return pl.BlockSpec((None, rows, cols), lambda b, *_: (b, 0, 0))
-
-
-def _whole(shape):  # the whole array in every program
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-
-
-def _call(kernel, grid, in_specs, out_shapes, out_specs, interpret, **static):
-    params = None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
-    return pl.pallas_call(functools.partial(kernel, **static), out_shape=out_shapes, grid=grid,
-                          in_specs=in_specs, out_specs=out_specs, compiler_params=params,
-                          interpret=interpret)
-
-
-def _moments(u, taps, geometry, interpret):
-    batch, pixels, n = u.shape
-    m = taps.shape[1]
-    sums = _call(_moments_kernel, (batch, n // _chunk(n, CHANNELS)),
-                 [_image(pixels, n), _whole(taps.shape)],
-                 jax.ShapeDtypeStruct((batch, 2, m, n), jnp.float32),
-                 pl.BlockSpec((None, 2, m, n), lambda b, c: (b, 0, 0, 0)),
-                 interpret, geometry=geometry, m=m)(u, taps)
-    return sums.sum(0)
-
-
-def _forward(u, ck, taps, scale, shift, ak, geometry, interpret):
-    batch, pixels, n = u.shape
-    m, outputs = ak.shape[0], ak.shape[-1]
-    grid = (batch, pl.cdiv(geometry.outputs, PIXELS), outputs // _chunk(outputs, OUTPUTS))
-    weights = (ck, taps, scale, shift, ak)
-    return _call(_forward_kernel, grid, [_image(pixels, n)] + [_whole(w.shape) for w in weights],
-                 jax.ShapeDtypeStruct((batch, geometry.outputs, outputs), u.dtype),
-                 _image(geometry.outputs, outputs), interpret, geometry=geometry, m=m)(u, *weights)
-
-
-def _backward(u, ck, taps, scale, shift, ak, dz, geometry, interpret):
-    batch, pixels, n = u.shape
-    m = ak.shape[0]
-    _, count = _partial_rows(m)
-    weights = (ck, taps, scale, shift, ak)
-    wide = jax.ShapeDtypeStruct((batch, geometry.outputs, m * n), u.dtype)
-    return _call(_backward_kernel, (batch, n // _chunk(n, CHANNELS)),
-                 [_image(pixels, n)] + [_whole(w.shape) for w in weights]
-                 + [_image(geometry.outputs, dz.shape[-1])],
-                 [wide] * 4 + [jax.ShapeDtypeStruct((batch, count, n), jnp.float32)],
-                 [_image(geometry.outputs, m * n)] * 4 + [_image(count, n)],
-                 interpret, geometry=geometry, m=m)(u, *weights, dz)
-
-
-def _input_gradient(dnorm, der, taps, dmean, dsquare, geometry, interpret):
-    batch, _, wide = dnorm.shape
-    m = taps.shape[1]
-    n = wide // m
-    pixels = geometry.height * geometry.width
-    grid = (batch, pl.cdiv(pixels, PIXELS), n // _chunk(n, CHANNELS))
-    return _call(_input_kernel, grid,
-                 [_image(geometry.outputs, wide)] * 2 + [_whole(a.shape) for a in (taps, dmean, dsquare)],
-                 jax.ShapeDtypeStruct((batch, pixels, n), jnp.float32), _image(pixels, n),
-                 interpret, geometry=geometry, m=m)(dnorm, der, taps, dmean, dsquare)
+    outputs = jax.tree.leaves(jax.eval_shape(run, *args))
+    rule = (', '.join(dims(a, f'in{i}', i < batched) for i, a in enumerate(args)) + ' -> '
+            + ', '.join(dims(o, f'out{i}', True) for i, o in enumerate(outputs)))
+    split = custom_partitioning(run)
+    split.def_partition(partition, infer_sharding_from_operands=lambda *a: shardings(*a)[0],
+                        sharding_rule=rule)
+    return split(*args)
 
 
 def _affine(sums, gamma, beta, mean, var, count, train, epsilon):
@@ -332,9 +89,11 @@ def _fused(u, ck, taps, gamma, beta, ak, mean, var, static):
 def _fused_forward(u, ck, taps, gamma, beta, ak, mean, var, static):
     geometry, train, epsilon, interpret = static
     count = u.shape[0] * geometry.outputs
-    sums = _moments(u, taps, geometry, interpret) if train else jnp.zeros((2,) + gamma.shape)
+    launch = dict(geometry=geometry, interpret=interpret)
+    sums = (_per_image(kernels.moments, 1, u, taps, **launch).sum(0) if train
+            else jnp.zeros((2,) + gamma.shape))
     scale, shift, mean, var = _affine(sums, gamma, beta, mean, var, count, train, epsilon)
-    z = _forward(u, ck, taps, scale, shift, ak, geometry, interpret)
+    z = _per_image(kernels.forward, 1, u, ck, taps, scale, shift, ak, **launch)
     return (z, mean, var), (u, ck, taps, gamma, beta, ak, mean, var, sums)
 
 
@@ -345,10 +104,11 @@ def _fused_backward(static, residuals, cotangents):
     count = u.shape[0] * geometry.outputs
     (scale, shift, _, _), affine_vjp = jax.vjp(
         lambda *a: _affine(*a, count, train, epsilon), sums, gamma, beta, mean_in, var_in)
-    dcoef, product, dnorm, der, partial = _backward(u, ck, taps, scale, shift, ak, dz.astype(u.dtype),
-                                                     geometry, interpret)
+    launch = dict(geometry=geometry, interpret=interpret)
+    dcoef, product, dnorm, der, partial = _per_image(kernels.backward, 2, u, dz.astype(u.dtype), ck,
+                                                     taps, scale, shift, ak, **launch)
     m, n = gamma.shape
-    rows, _ = _partial_rows(m)
+    rows, _ = kernels.partial_rows(m)
     partial = partial.sum(0)
     dscale, dshift = partial[:m], partial[m:2 * m]
     dsums, dgamma, dbeta, dmean_in, dvar_in = affine_vjp((dscale, dshift, dmean, dvar))
@@ -356,7 +116,7 @@ def _fused_backward(static, residuals, cotangents):
     window_d = partial[rows['window_d']:rows['window_e']].reshape(9, m, n)
     window_e = partial[rows['window_e']:].reshape(9, m, n)
     dtaps = scale * window_e + dsums[0] * window + 2 * dsums[1] * window_d
-    du = _input_gradient(dnorm, der, taps, dsums[0], dsums[1], geometry, interpret)
+    du = _per_image(kernels.input_gradient, 2, dnorm, der, taps, dsums[0], dsums[1], **launch)
     # Through C (at the strided centre pixels) and the two 1x1 maps' weights: XLA matrix products.
     precision, s, batch = jax.lax.Precision.HIGHEST, geometry.stride, u.shape[0]
     dcoef = dcoef.reshape(*dcoef.shape[:2], m, n)
@@ -392,13 +152,13 @@ def product(u, coef, kernel, bn_scale, bn_bias, combine, mean, var, *, multiplie
     m = multiplier
     if interpret is None:
         interpret = jax.default_backend() != 'gpu'
-    if pltriton is None:
+    if kernels.pltriton is None:
         raise RuntimeError(f'jax {jax.__version__} has no jax.experimental.pallas.triton, which the '
                            "fused kernels use; use model.block_impl='xla'")
     if not interpret and (n % 16 or combine.shape[-1] % 16):
         raise ValueError(f'the fused kernels need widths that are multiples of 16 on the GPU, got '
                          f'{n} -> {combine.shape[-1]} channels; use model.block_impl=\'xla\'')
-    geometry = _Geometry(height, width, stride)
+    geometry = kernels.Geometry(height, width, stride)
     per_channel = jnp.tile(kernel.reshape(9, -1), (1, n * m // kernel.shape[-1]))
     taps = per_channel.reshape(9, n, m).transpose(0, 2, 1).astype(jnp.float32)
 

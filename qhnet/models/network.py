@@ -60,7 +60,8 @@ class QHNet(nn.Module):
     each block's activations in the backward pass (`nn.remat`: less memory, more compute);
     `derivative_impl` picks K's XLA program (`qhnet.models.derivative.IMPLEMENTATIONS`);
     `block_impl='pallas'` computes Eq. (3)'s blocks without mixing maps by fused kernels
-    (`qhnet.models.fused`). None of them changes the parameters or the function.
+    (`qhnet.models.fused`; 'auto': per platform). None of them changes the parameters or the
+    function.
 
     `equation='qlnet'`: QLNet's block (`QuasiLinearBlock.qlnet`, product width
     `qlnet_width(n)`), every conv initialised as QLNet's (Kaiming normal, fan_out, gain 1).
