@@ -1,6 +1,6 @@
-"""qhnet.models.fused (and fused_kernels): Eq. (3)'s fused product (Pallas, in the interpreter on the CPU) against
-the block's layers, in the forward pass, every gradient and a few training steps; and the
-kernels' lowering for the GPU."""
+"""qhnet.models.fused and fused_kernels: Eq. (3)'s fused product (Pallas, in the interpreter on
+the CPU) against the block's layers, in the forward pass, every gradient and a few training
+steps, on one device and on two; and the kernels' lowering for the GPU."""
 
 import os
 import subprocess
