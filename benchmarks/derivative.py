@@ -108,6 +108,14 @@ def product_flops(batch, size, channels, stride, multiplier) -> int:
     return 3 * forward
 
 
+def batch_norm(d, scale=1.0, bias=0.0, epsilon=1e-5):
+    """BN_d in training mode, in float32: d normalized by its batch moments over (B, H, W)."""
+    d = d.astype(jnp.float32)
+    mean = d.mean(axis=(0, 1, 2))
+    var = jnp.square(d - mean).mean(axis=(0, 1, 2))
+    return (d - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
 def make_case(batch, size, channels, stride, multiplier, shared, expand, dtype, seed=0):
     """Inputs and the three timed functions per implementation for one K layer."""
     rng = np.random.default_rng(seed)
@@ -130,10 +138,7 @@ def make_case(batch, size, channels, stride, multiplier, shared, expand, dtype, 
 
     def block(impl, u, kernel, coef, cotangent):
         def loss(u, kernel, coef):
-            d = forward(impl, u, kernel).astype(jnp.float32)
-            mean = d.mean(axis=(0, 1, 2))
-            var = jnp.square(d - mean).mean(axis=(0, 1, 2))
-            normed = ((d - mean) * jax.lax.rsqrt(var + 1e-5)).astype(dtype)
+            normed = batch_norm(forward(impl, u, kernel)).astype(dtype)
             return jnp.sum((coef * normed).astype(jnp.float32) * cotangent.astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1, 2))(u, kernel, coef)
 
@@ -155,10 +160,8 @@ def xla_product(u, coef, kernel, bn_scale, bn_bias, combine, *, multiplier, stri
     (block_impl='xla'): the 1x1 maps as matrix products in u's dtype, K by `depthwise_conv`,
     BN_d from the batch moments in float32."""
     coefficients = u[:, ::stride, ::stride] @ coef.astype(u.dtype)
-    d = depthwise_conv(u, kernel, stride, channel_multiplier=multiplier).astype(jnp.float32)
-    mean = d.mean(axis=(0, 1, 2))
-    var = jnp.square(d - mean).mean(axis=(0, 1, 2))
-    normed = ((d - mean) * jax.lax.rsqrt(var + epsilon) * bn_scale + bn_bias).astype(u.dtype)
+    d = depthwise_conv(u, kernel, stride, channel_multiplier=multiplier)
+    normed = batch_norm(d, bn_scale, bn_bias, epsilon).astype(u.dtype)
     return (coefficients * normed) @ combine.astype(u.dtype)
 
 

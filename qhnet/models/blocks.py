@@ -37,6 +37,7 @@ from qhnet.models.derivative import DEFAULT_IMPL, Derivative
 EQUATIONS = config.EQUATIONS
 
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5  # every batchnorm of a block, folded (BN_d, fused) or not
 LINEAR_INIT = nn.initializers.variance_scaling(1.0, 'fan_out', 'normal')  # QLNet's, every conv
 
 
@@ -85,7 +86,7 @@ class FoldedBatchNorm(nn.Module):
     running averages, returns its output and the batch's (mean, var)."""
     features: int
     use_running_average: bool
-    momentum: float = 0.9
+    momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, apply: Callable) -> jax.Array:
@@ -144,7 +145,7 @@ class QuasiLinearBlock(nn.Module):
         return Conv1x1(features, stride, dtype=self.dtype, kernel_init=self.kernel_init, name=name)
 
     def batch_norm(self, train: bool, name: str, zero_scale: bool = False) -> Callable:
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                             scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
                             dtype=self.dtype, name=name)
 
@@ -199,7 +200,8 @@ class QuasiLinearBlock(nn.Module):
 
         def apply(scale, bias, mean, var):
             return fused.product(u.astype(self.dtype), coef[0, 0], kernel, scale, bias, combine[0, 0],
-                                 mean, var, multiplier=m, stride=self.stride, train=train)
+                                 mean, var, multiplier=m, stride=self.stride, train=train,
+                                 epsilon=BN_EPSILON)
 
         return FoldedBatchNorm(m * n, not train, name='derivative_bn')(apply)
 

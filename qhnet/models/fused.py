@@ -101,12 +101,13 @@ def _fused_backward(static, residuals, cotangents):
     geometry, train, epsilon, interpret = static
     u, ck, taps, gamma, beta, ak, mean_in, var_in, sums = residuals
     dz, dmean, dvar = cotangents
+    dz = dz.astype(u.dtype)
     count = u.shape[0] * geometry.outputs
     (scale, shift, _, _), affine_vjp = jax.vjp(
         lambda *a: _affine(*a, count, train, epsilon), sums, gamma, beta, mean_in, var_in)
     launch = dict(geometry=geometry, interpret=interpret)
-    dcoef, product, dnorm, der, partial = _per_image(kernels.backward, 2, u, dz.astype(u.dtype), ck,
-                                                     taps, scale, shift, ak, **launch)
+    dcoef, product, dnorm, der, partial = _per_image(kernels.backward, 2, u, dz, ck, taps, scale,
+                                                     shift, ak, **launch)
     m, n = gamma.shape
     rows, _ = kernels.partial_rows(m)
     partial = partial.sum(0)
@@ -124,7 +125,7 @@ def _fused_backward(static, residuals, cotangents):
     centres = image[:, ::s, ::s].reshape(batch, geometry.outputs, n)
     dck = jnp.einsum('bpi,bpkj->kij', centres, dcoef, precision=precision,
                      preferred_element_type=jnp.float32)
-    dak = jnp.einsum('bpkj,bpo->kjo', product.reshape(dcoef.shape), dz.astype(product.dtype),
+    dak = jnp.einsum('bpkj,bpo->kjo', product.reshape(dcoef.shape), dz,
                      precision=precision, preferred_element_type=jnp.float32)
     dcentres = jnp.einsum('bpkj,kij->bpi', dcoef, ck, precision=precision,
                           preferred_element_type=jnp.float32)
