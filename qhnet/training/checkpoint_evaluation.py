@@ -37,8 +37,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     ours, theirs = ({name: value for name, value in workdirs.identity(c).items()
                      if name.startswith('model.')} for c in (config, stored))
     differences = [f'{name}: checkpoint has {theirs.get(name)!r}, --config has '
-                   f'{ours.get(name)!r}' for name in sorted(set(ours) | set(theirs))
-                   if ours.get(name) != theirs.get(name)]
+                   f'{ours.get(name)!r}' for name in workdirs.differing(ours, theirs)]
     if differences:
         raise workdirs.IncompatibleWorkdirError(
             f'the checkpoint of step {step} in {workdir} is another model than --config '

@@ -115,8 +115,7 @@ def _check_init_from(config: ml_collections.ConfigDict, info: data.DatasetInfo) 
         raise ConfigError(f'config.init_from={config.init_from} holds no checkpoints; point it '
                           'at a workdir of qhnet.main or of `python -m qhnet.symmetry slice`')
     if ours != theirs:
-        differences = [f'{name}: {theirs.get(name)}' for name in sorted(set(ours) | set(theirs))
-                       if ours.get(name) != theirs.get(name)][:3]
+        differences = [f'{name}: {theirs.get(name)}' for name in workdirs.differing(ours, theirs)][:3]
         raise ConfigError(
             f'config.init_from={config.init_from} (step {step}) holds variables of another '
             f'model (differing: {differences}); pass the config that model was written with '

@@ -71,6 +71,12 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
+def differing(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The names, sorted, whose values differ between two flat records (`identity`,
+    `leaf_shapes`); a name only one of them has differs."""
+    return [name for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+
+
 def leaf_shapes(tree) -> dict[str, tuple]:
     """'params/a/b' -> (shape, dtype) of every leaf of a nested dict of arrays."""
     return {'/'.join(str(getattr(k, 'key', k)) for k in path): (leaf.shape, str(leaf.dtype))
@@ -101,8 +107,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict,
         ours.update(_flat('dataset', dataset))
         theirs.update(_flat('dataset', stored_dataset))
     differences = [f'  {name}: checkpoint has {theirs.get(name)!r}, config has {ours.get(name)!r}'
-                   for name in sorted(set(ours) | set(theirs))
-                   if ours.get(name) != theirs.get(name)]
+                   for name in differing(ours, theirs)]
     if differences:
         raise IncompatibleWorkdirError(
             f'{workdir} holds a checkpoint (step {step}) of a different experiment:\n'
