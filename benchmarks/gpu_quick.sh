@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # A quick GPU check for a 10-minute window, compiling included, sized for at most 8 minutes on
 # one H200: the same check without the fused kernels and with K `grouped` took 350 s; the
-# Triton compilation of the fused kernels is not yet measured. In bfloat16 at batch 256:
-#   - ResNet50 against Eq. (3) softball@ds at 224x224, the latter with the block's product by
-#     the layers (block_impl=xla) and by the fused Pallas kernels (block_impl=pallas):
-#     training and inference img/s, peak memory, training MFU against the chip's bf16 peak;
-#   - K's implementations folded and stencil (grouped, 3-10x stencil's time per network in
-#     results/gpu_h200, is left out for time), forward and forward + backward, and Eq. (3)'s
-#     whole product, pallas against xla, forward + backward, with its bandwidth and FLOP rate,
-#     for the weight-shared and the per-channel layouts of Eq. (3); 5 repetitions (10 for the
-#     models);
-#   - the host's input pipeline with 16 grain worker processes, beside the training steps.
-# Writes models, derivative and pipeline .md/.json (each opening with its command, device and
-# date) to $OUT, by default benchmarks/results/<device> (e.g. benchmarks/results/gpu_h200,
-# the layout of every benchmark's results; a dry run's default is a new temporary folder),
-# then prints the fastest K in forward + backward, the fused product per network and
-# Eq. (3)'s training img/s (xla and pallas) against ResNet50's. A pallas row or candidate that
+# Triton compilation of the fused kernels is not yet measured. In bfloat16 at batch 256, in
+# order of what each part decides (a run cut short keeps the first parts' tables):
+#   - models: ResNet50 against Eq. (3) softball@ds at 224x224, the latter with the block's
+#     product by the layers (block_impl=xla) and by the fused Pallas kernels
+#     (block_impl=pallas): training and inference img/s, peak memory, training MFU against
+#     the chip's bf16 peak; 10 repetitions;
+#   - kernels: Eq. (3)'s whole product per layer, forward + backward, by the layers and by
+#     the fused kernels at their default tiles, and each kernel alone, with the bandwidth and
+#     FLOP rate each reaches against the chip's peaks; 5 repetitions (a tile sweep, for a
+#     second run: python -m benchmarks.kernels --tiles A,B,...);
+#   - models_stage1: the same models cut to stage 1 (stem, stage 1, pool and head);
+#   - derivative: K's implementations folded and stencil (grouped, 3-10x stencil's time per
+#     network in results/gpu_h200, is left out for time), forward and forward + backward,
+#     for the weight-shared and the per-channel layouts of Eq. (3); 5 repetitions;
+#   - pipeline: the host's input pipeline with 16 grain worker processes.
+# Each writes its .md/.json (opening with its command, device and date) to $OUT, by default
+# benchmarks/results/<device> (e.g. benchmarks/results/gpu_h200, the layout of every
+# benchmark's results; a dry run's default is a new temporary folder). Then it prints Eq.
+# (3)'s training img/s (xla and pallas) against ResNet50's, whole and in stage 1, the fused
+# product and its kernels per network, and the fastest K. A pallas row or candidate that
 # fails to compile is reported in its table and the part counts as failed.
 #
-#     bash benchmarks/gpu_quick.sh             # -> benchmarks/results/<device>/{models,derivative,pipeline}.*
+#     bash benchmarks/gpu_quick.sh             # -> benchmarks/results/<device>/{models,kernels,...}.*
 #     OUT=/tmp/quick bash benchmarks/gpu_quick.sh
 #     bash benchmarks/gpu_quick.sh --dry-run   # or QHNET_DRY_RUN=1: the same steps, tiny, on CPU
 set -euo pipefail
@@ -73,10 +78,15 @@ run() {
 
 # A part that fails is reported and the others still run.
 failed=()
-run "$python" -m benchmarks.models --models 'resnet50;eq3_softball' --block-impls xla,pallas \
-    --dtype bfloat16 "${sizes[@]}" "${model_reps[@]}" --out "$out/models" || failed+=(models)
+# The parts in order of what they decide, so that a run cut short keeps the first ones' tables.
+models=("$python" -m benchmarks.models --models 'resnet50;eq3_softball' --block-impls xla,pallas
+        --dtype bfloat16 "${sizes[@]}" "${model_reps[@]}")
+run "${models[@]}" --out "$out/models" || failed+=(models)
+run "$python" -m benchmarks.kernels --dtype bfloat16 "${sizes[@]}" "${derivative_reps[@]}" \
+    --out "$out/kernels" || failed+=(kernels)
+run "${models[@]}" --stages 1 --out "$out/models_stage1" || failed+=(models-stage1)
 # Layouts 0 and 1: Eq. (3)'s; Eq. (7)'s (j, k) channels are left out for time.
-run "$python" -m benchmarks.derivative --dtype bfloat16 --modes fwd,train,fused --layouts 0,1 \
+run "$python" -m benchmarks.derivative --dtype bfloat16 --modes fwd,train --layouts 0,1 \
     --impls folded,stencil "${sizes[@]}" "${derivative_reps[@]}" --out "$out/derivative" \
     || failed+=(derivative)
 run "$python" -m benchmarks.pipeline "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
@@ -88,27 +98,42 @@ import json, statistics, sys
 
 with open(sys.argv[1]) as f:
     report = json.load(f)
-titles = {'train': 'fastest K in train mode (forward + backward)',
-          'fused': 'fastest Eq. (3) product (forward + backward)'}
-totals = {mode: {} for mode in titles}  # mode -> layout -> candidate -> seconds per network
+totals = {}  # layout -> candidate -> seconds per network
 for layer in report['layers']:
-    timed = {'train': layer['times'].get('train', {}), 'fused': layer.get('fused', {}).get('times', {})}
-    for mode, times in timed.items():
-        per_candidate = totals[mode].setdefault(layer['layout'], {})
-        for name, values in times.items():  # each layer times its block count
-            seconds = statistics.median(values[report['clock']]) * layer['count']
-            per_candidate[name] = per_candidate.get(name, 0.0) + seconds
-for mode, per_layout in totals.items():
-    for layout, per_candidate in per_layout.items():
-        ranked = sorted(per_candidate, key=per_candidate.get)
-        if ranked:
-            print(f'{titles[mode]}, {layout}: {ranked[0]} ('
-                  + ', '.join(f'{name} {per_candidate[name] * 1e3:.1f} ms' for name in ranked)
-                  + ' per network)')
+    per_candidate = totals.setdefault(layer['layout'], {})
+    for name, values in layer['times'].get('train', {}).items():  # each layer times its count
+        seconds = statistics.median(values[report['clock']]) * layer['count']
+        per_candidate[name] = per_candidate.get(name, 0.0) + seconds
+for layout, per_candidate in totals.items():
+    ranked = sorted(per_candidate, key=per_candidate.get)
+    if ranked:
+        print(f'fastest K in train mode (forward + backward), {layout}: {ranked[0]} ('
+              + ', '.join(f'{name} {per_candidate[name] * 1e3:.1f} ms' for name in ranked)
+              + ' per network)')
 EOF
 fi
-if [[ -f $out/models.json ]]; then
-    "$python" - "$out/models.json" <<'EOF' || failed+=(models-summary)
+if [[ -f $out/kernels.json ]]; then
+    "$python" - "$out/kernels.json" <<'EOF' || failed+=(kernels-summary)
+import json, statistics, sys
+
+with open(sys.argv[1]) as f:
+    report = json.load(f)
+parts = ('product', 'moments', 'forward', 'backward', 'input')
+totals = {}  # candidate -> seconds per network
+for layer in report['layers']:
+    for name, values in layer['times'].items():  # each layer times its block count
+        seconds = statistics.median(values[report['clock']]) * layer['count']
+        totals[name] = totals.get(name, 0.0) + seconds
+for tiles in report['tiles']:
+    timed = [part for part in parts if f'{tiles} {part}' in totals]
+    print(f'Eq. (3) product per network (forward + backward), {tiles}: xla '
+          f'{totals.get("xla", float("nan")) * 1e3:.1f} ms; pallas '
+          + ', '.join(f'{part} {totals[f"{tiles} {part}"] * 1e3:.1f}' for part in timed) + ' ms')
+EOF
+fi
+for stem in models models_stage1; do
+    [[ -f $out/$stem.json ]] || continue
+    "$python" - "$out/$stem.json" <<'EOF' || failed+=("$stem-summary")
 import json, statistics, sys
 
 with open(sys.argv[1]) as f:
@@ -131,9 +156,10 @@ for impl in ('xla', 'pallas'):
                      f'({seconds(base, clock) / seconds(row, clock):.2f}x)')
     else:
         parts.append(f'{impl} not measured ({errors.get(label, "no row")})')
-print(f'Eq. (3) softball@ds training against ResNet50 ({batch / seconds(base, "wall"):.1f} '
+scope = f', first {report["stages"]} stage(s)' if report.get('stages') else ''
+print(f'Eq. (3) softball@ds training against ResNet50{scope} ({batch / seconds(base, "wall"):.1f} '
       'img/s = 1.00x): ' + ', '.join(parts))
 EOF
-fi
+done
 echo "tables in $out; $SECONDS s in all"
 if (( ${#failed[@]} )); then echo "failed: ${failed[*]}" >&2; exit 1; fi

@@ -29,6 +29,9 @@ when other jobs share the machine; `--clock` to change); on an accelerator, wall
 the other compute dtype, and every other derivative implementation (`--impls`), so that
 each switch's effect on speed and memory sits in the same table.
 
+`--stages N` times the first N stages of every model (each with its stem, pool and head;
+MobileNetV3 has no stages and is left out): `--stages 1` sets stage 1 against ResNet50's.
+
 `--block-impls xla,pallas` times each Eq. (3) row without mixing maps once per block
 implementation (`model.block_impl`; 'pallas': the fused kernels of `qhnet.models.fused`),
 labelled `(block_impl=...)`; default `xla` alone. A pallas row's FLOPs are counted on its
@@ -65,24 +68,6 @@ MAIN = 'Eq. (3) softball@ds'
 BLOCK_IMPLS = tuple(impl for impl in qhnet_config.BLOCK_IMPLS if impl != 'auto')
 # Table 1 row title -> its key in qhnet.config.ROWS.
 ROW_KEYS = {row.title: key for key, row in qhnet_config.ROWS.items()}
-# Dense (no sparsity) bfloat16 peak TFLOP/s by the words of jax's device_kind, the most
-# specific first: 'NVIDIA H100 PCIe', 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H200'.
-PEAK_BF16_TFLOPS = (
-    (('H100', 'PCIe'), 756.0),
-    (('H100', 'HBM3'), 989.0),
-    (('H200',), 989.0),
-    (('A100',), 312.0),
-)
-
-
-def peak_bf16_tflops(device_kind: str) -> float | None:
-    """The chip's dense bfloat16 peak, or None for a chip not in PEAK_BF16_TFLOPS."""
-    for words, tflops in PEAK_BF16_TFLOPS:
-        if all(word in device_kind for word in words):
-            return tflops
-    return None
-
-
 def row_config(title: str):
     """The ImageNet-100 config of the Table 1 row titled `title`."""
     return qhnet_config.row_config(ROW_KEYS[title])
@@ -134,6 +119,8 @@ def entries(args) -> list[Entry]:
     if args.models != 'all':
         wanted = select_rows(args.models)
         rows = [BASELINE] + [row for row in rows if row in wanted and row != BASELINE]
+    if args.stages:
+        rows = [row for row in rows if row_config(row).model.name != 'mobilenet_v3_large']
     impl = args.impl
     out = [entry for row in rows for entry in block_entries(row, args)]
     if args.variants and MAIN in rows:  # the switches below apply to the layers: block_impl xla
@@ -149,9 +136,13 @@ def entries(args) -> list[Entry]:
     return out
 
 
-def build(entry: Entry, num_classes: int):
+def build(entry: Entry, num_classes: int, stages: int | None = None):
+    """The entry's model, cut to its first `stages` stages (all by default)."""
     model_config = row_config(entry.row).model
     model_config.num_classes = num_classes
+    if stages:
+        model_config.widths, model_config.depths = (tuple(model_config.widths)[:stages],
+                                                    tuple(model_config.depths)[:stages])
     model_config.dtype = entry.dtype
     if model_config.name == 'qhnet':
         model_config.remat = entry.remat
@@ -200,7 +191,7 @@ def programs(model, optimizer, schedule, config):
 
 def prepare(entry: Entry, args, config) -> dict:
     """Compiles the training and inference programs of one model; returns the callables."""
-    model = build(entry, args.num_classes)
+    model = build(entry, args.num_classes, args.stages)
     rng = np.random.default_rng(0)
     shape = (args.batch, args.image_size, args.image_size, 3)
     images = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -214,7 +205,7 @@ def prepare(entry: Entry, args, config) -> dict:
     # FLOPs are counted on the model's XLA program: the same function of the same variables.
     counted_step, counted_infer = step, infer
     if entry.block_impl not in (None, 'xla'):
-        layers = build(dataclasses.replace(entry, block_impl='xla'), args.num_classes)
+        layers = build(dataclasses.replace(entry, block_impl='xla'), args.num_classes, args.stages)
         counted_step, counted_infer = programs(layers, optimizer, schedule, config)
     key = jax.random.key(1)
     start = time.perf_counter()
@@ -285,6 +276,7 @@ def measure(args) -> dict:
     return dict(device=timing.device_name(), backend=jax.default_backend(), batch=args.batch,
                 peak_tflops=args.peak_tflops, peak_tflops_source=args.peak_tflops_source,
                 image_size=args.image_size, num_classes=args.num_classes, dtype=args.dtype,
+                stages=args.stages,
                 reps=args.reps, clock=args.clock, default_impl=DEFAULT_IMPL, git=timing.git_revision(),
                 load_average_at_end=timing.load_average(), note=args.note, rows=rows, failed=failed)
 
@@ -316,7 +308,9 @@ def markdown(report: dict) -> str:
         '',
         timing.provenance_line(report),
         '',
-        f'{report["image_size"]}x{report["image_size"]} images, '
+        (f'The first {report["stages"]} stage(s) of each model, with its stem, pool and head. '
+         if report.get('stages') else '')
+        + f'{report["image_size"]}x{report["image_size"]} images, '
         f'{report["num_classes"]} classes, batch {batch}, compute dtype {report["dtype"]} unless the '
         f'label says otherwise, derivative implementation `{report["default_impl"]}` unless it says '
         f'[K: ...], block implementation `xla` unless it says (block_impl=...). Medians of '
@@ -373,6 +367,8 @@ def main(argv=None) -> None:
     parser.add_argument('--impls', type=lambda s: s.split(','), default=['folded'],
                         help="derivative implementations for --variants (default 'folded': 'grouped' "
                              'takes minutes per step on XLA:CPU; include it on a GPU)')
+    parser.add_argument('--stages', type=int, default=None,
+                        help='time the first N stages of every model (default: all)')
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--slow-seconds', type=float, default=120.0,
@@ -390,11 +386,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not set(args.block_impls) <= set(BLOCK_IMPLS):
         parser.error(f'--block-impls {",".join(args.block_impls)}: choose from {", ".join(BLOCK_IMPLS)}')
-    args.out = args.out or timing.results_stem('models')
+    args.out = args.out or timing.results_stem(f'models_stage{args.stages}' if args.stages else 'models')
     args.clock = args.clock or ('cpu' if jax.default_backend() == 'cpu' else 'wall')
     if args.peak_tflops is None:
         device_kind = jax.devices()[0].device_kind
-        args.peak_tflops = peak_bf16_tflops(device_kind)
+        args.peak_tflops = timing.peak_bf16_tflops(device_kind)
         args.peak_tflops_source = f'looked up from the device kind {device_kind!r}'
     else:
         args.peak_tflops_source = '--peak-tflops'

@@ -24,6 +24,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO_ROOT, 'benchmarks', 'results')
 # Words of a device kind that name the vendor or the product line, not the chip.
 VENDOR_WORDS = {'nvidia', 'amd', 'intel', 'tesla', 'geforce', 'radeon', 'instinct'}
+# The chip's dense (no sparsity) bfloat16 TFLOP/s and HBM GB/s by the words of jax's
+# device_kind, the most specific first: 'NVIDIA H100 PCIe', 'NVIDIA H100 80GB HBM3' (SXM),
+# 'NVIDIA H200', 'NVIDIA A100-SXM4-80GB'.
+PEAKS = (
+    (('H100', 'PCIe'), 756.0, 2000.0),
+    (('H100', 'HBM3'), 989.0, 3350.0),
+    (('H200',), 989.0, 4800.0),
+    (('A100', '80GB'), 312.0, 2039.0),
+    (('A100',), 312.0, 1555.0),
+)
 
 
 def block(tree):
@@ -102,6 +112,23 @@ def device_slug() -> str:
     short = next((i + 1 for i, word in enumerate(words) if any(c.isdigit() for c in word)),
                  min(len(words), 1))
     return f'{platform_name}_{"".join(words[:short])}' if words else platform_name
+
+
+def _peak(device_kind: str, column: int) -> float | None:
+    for words, *peaks in PEAKS:
+        if all(word in device_kind for word in words):
+            return peaks[column]
+    return None
+
+
+def peak_bf16_tflops(device_kind: str) -> float | None:
+    """The chip's dense bfloat16 peak, or None for a chip not in PEAKS."""
+    return _peak(device_kind, 0)
+
+
+def peak_hbm_gbps(device_kind: str) -> float | None:
+    """The chip's memory bandwidth, GB/s, or None for a chip not in PEAKS."""
+    return _peak(device_kind, 1)
 
 
 def results_stem(benchmark: str) -> str:

@@ -44,9 +44,7 @@ def perturbed(variables, key):
 def small_tiles(monkeypatch):
     """Tiles smaller than the test images: several pixel blocks, channel chunks and output
     blocks per program, as at full size."""
-    monkeypatch.setattr(fused_kernels, 'PIXELS', 16)
-    monkeypatch.setattr(fused_kernels, 'CHANNELS', 2)
-    monkeypatch.setattr(fused_kernels, 'OUTPUTS', 4)
+    monkeypatch.setattr(fused_kernels, 'TILES', fused_kernels.Tiles(pixels=16, channels=2, outputs=4))
 
 
 # (input height, width, channels), output channels, multiplier, stride, weight sharing:
@@ -183,21 +181,39 @@ def test_kernels_split_the_batch_over_devices():
     assert float(result.stdout.split('relative difference')[1]) <= TOLERANCE, result.stdout
 
 
-@pytest.mark.parametrize('stride,sharing', [(1, True), (2, False)])
-def test_kernels_lower_for_the_gpu(stride, sharing):
-    """Forward and backward lower through Pallas' Triton backend (GPU widths, bfloat16)."""
+def test_tiles():
+    """Tiles print as they parse, and a size that is no power of two is refused."""
+    tiles = fused_kernels.Tiles(pixels=128, channels=16, outputs=32, warps=8, stages=2)
+    assert str(tiles) == '128x16x32/w8s2' and fused_kernels.Tiles.parse(str(tiles)) == tiles
+    assert fused_kernels.Geometry(7, 5, 2, tiles).outputs == 12
+    with pytest.raises(ValueError, match='Tiles.pixels must be a power of two, got 48'):
+        fused_kernels.Tiles(pixels=48)
+    with pytest.raises(ValueError, match='expected PIXELSxCHANNELSxOUTPUTS/wWARPSsSTAGES'):
+        fused_kernels.Tiles.parse('64x32x64')
+
+
+@pytest.mark.parametrize('stride,sharing,tiles', [
+    (1, True, None), (2, False, fused_kernels.Tiles(128, 16, 128, warps=8, stages=2))])
+def test_kernels_lower_for_the_gpu(stride, sharing, tiles):
+    """Forward and backward lower through Pallas' Triton backend (GPU widths, bfloat16), with
+    the tiles' warps and stages."""
     n, m, outputs = 64, 4, 128
     args = (jnp.zeros((2, 14, 14, n), jnp.bfloat16), jnp.zeros((n, m * n)),
             jnp.zeros((3, 3, 1, m if sharing else m * n)), jnp.ones(m * n), jnp.zeros(m * n),
             jnp.zeros((m * n, outputs)), jnp.zeros(m * n), jnp.ones(m * n))
 
     def loss(*args):
-        z, (mean, var) = fused.product(*args, multiplier=m, stride=stride, train=True, interpret=False)
+        z, (mean, var) = fused.product(*args, multiplier=m, stride=stride, train=True,
+                                       interpret=False, tiles=tiles)
         return jnp.sum(jnp.square(z.astype(jnp.float32))) + jnp.sum(mean) + jnp.sum(var)
 
     lowered = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).trace(*args).lower(
         lowering_platforms=('cuda',))
-    assert lowered.as_text().count('xla.gpu.triton') == 4  # moments, forward, backward, input
+    text = lowered.as_text()
+    assert text.count('xla.gpu.triton') == 4  # moments, forward, backward, input
+    tiles = tiles or fused_kernels.TILES
+    assert text.count(f'num_warps = {tiles.warps} : i32') == 4, tiles
+    assert text.count(f'num_stages = {tiles.stages} : i32') == 4, tiles
 
 
 @pytest.mark.slow

@@ -139,7 +139,7 @@ _fused.defvjp(_fused_forward, _fused_backward)
 
 
 def product(u, coef, kernel, bn_scale, bn_bias, combine, mean, var, *, multiplier, stride,
-            train, epsilon=1e-5, interpret=None):
+            train, epsilon=1e-5, interpret=None, tiles=None):
     """z = A [(C u) * BN_d(K u)] and BN_d's (mean, variance): the batch's when `train`, else
     `mean` and `var` (the running averages).
 
@@ -147,7 +147,8 @@ def product(u, coef, kernel, bn_scale, bn_bias, combine, mean, var, *, multiplie
     `kernel` K (3, 3, 1, m) shared or (3, 3, 1, mn) per channel, `bn_scale`, `bn_bias`,
     `mean`, `var` (mn,), `combine` A (mn, n'). Channel j*m + k is derivative k of channel j.
     Returns z (B, H', W', n') in u's dtype. `interpret`: run the kernels in the Pallas
-    interpreter; by default everywhere but on the GPU.
+    interpreter; by default everywhere but on the GPU. `tiles`: the kernels' program sizes
+    (a `fused_kernels.Tiles`; by default `fused_kernels.TILES`).
     """
     batch, height, width, n = u.shape
     m = multiplier
@@ -159,7 +160,7 @@ def product(u, coef, kernel, bn_scale, bn_bias, combine, mean, var, *, multiplie
     if not interpret and (n % 16 or combine.shape[-1] % 16):
         raise ValueError(f'the fused kernels need widths that are multiples of 16 on the GPU, got '
                          f'{n} -> {combine.shape[-1]} channels; use model.block_impl=\'xla\'')
-    geometry = kernels.Geometry(height, width, stride)
+    geometry = kernels.Geometry(height, width, stride, tiles or kernels.TILES)
     per_channel = jnp.tile(kernel.reshape(9, -1), (1, n * m // kernel.shape[-1]))
     taps = per_channel.reshape(9, n, m).transpose(0, 2, 1).astype(jnp.float32)
 

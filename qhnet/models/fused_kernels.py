@@ -12,11 +12,16 @@ taps of K per channel (9, m, n), BN_d's folded scale and shift (m, n).
             coefficients and of K u, the product itself for dA, and the per-channel sums
             that give BN_d's and K's gradients (K's through sum_o window_t(u) * cotangent);
 - input:    per image and block of input pixels, the transposed stencil of K's cotangent.
+
+`Tiles` sets the programs' sizes (`TILES` by default); `python -m benchmarks.kernels` times
+each kernel under other tiles.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +32,41 @@ try:
 except ImportError:  # a jax without Pallas' Triton backend: only block_impl='xla' runs
     pltriton = None
 
-PIXELS = 64     # output (or input) pixels per program
-CHANNELS = 32   # channels j per step
-OUTPUTS = 64    # output channels per forward program
 TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """How the kernels split the work: output (or input) pixels per program, channels j per
+    step, output channels per forward program (powers of two; a width's step is the largest
+    that divides it), and Triton's warps and software-pipelining stages per program."""
+    pixels: int = 64
+    channels: int = 32
+    outputs: int = 64
+    warps: int = 4
+    stages: int = 1
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if name != 'stages' and (value < 1 or value & (value - 1)):
+                raise ValueError(f'Tiles.{name} must be a power of two, got {value}')
+        if self.stages < 1:
+            raise ValueError(f'Tiles.stages must be at least 1, got {self.stages}')
+
+    def __str__(self):
+        return f'{self.pixels}x{self.channels}x{self.outputs}/w{self.warps}s{self.stages}'
+
+    @classmethod
+    def parse(cls, text: str) -> 'Tiles':
+        """The inverse of str(): 'PIXELSxCHANNELSxOUTPUTS/wWARPSsSTAGES', e.g. '64x32x64/w4s1'."""
+        match = re.fullmatch(r'(\d+)x(\d+)x(\d+)/w(\d+)s(\d+)', text.strip())
+        if not match:
+            raise ValueError(f'tiles {text!r}: expected PIXELSxCHANNELSxOUTPUTS/wWARPSsSTAGES, '
+                             'e.g. 64x32x64/w4s1')
+        return cls(*map(int, match.groups()))
+
+
+TILES = Tiles()  # what `qhnet.models.fused.product` uses unless given others
 
 
 def _chunk(size: int, cap: int) -> int:
@@ -62,16 +98,40 @@ def _dot(a, b, transpose_b=False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
 class Geometry:
-    """The spatial shapes of one layer and the output pixels of program block `block`."""
+    """The spatial shapes of one layer, the kernels' tiles and the output pixels of program
+    block `block`."""
+    height: int
+    width: int
+    stride: int
+    tiles: Tiles = TILES
 
-    def __init__(self, height, width, stride):
-        self.height, self.width, self.stride = height, width, stride
-        self.out_h, self.out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-        self.outputs = self.out_h * self.out_w
+    @property
+    def out_h(self):
+        return (self.height - 1) // self.stride + 1
+
+    @property
+    def out_w(self):
+        return (self.width - 1) // self.stride + 1
+
+    @property
+    def outputs(self):
+        return self.out_h * self.out_w
+
+    @property
+    def blocks(self):  # blocks of output pixels
+        return pl.cdiv(self.outputs, self.tiles.pixels)
+
+    def channel_step(self, channels):  # channels per step over a width of `channels`
+        return _chunk(channels, self.tiles.channels)
+
+    def output_step(self, outputs):  # output channels per forward program
+        return _chunk(outputs, self.tiles.outputs)
 
     def pixels(self, block):
-        pixels = _range(block * PIXELS, PIXELS)
+        size = self.tiles.pixels
+        pixels = _range(block * size, size)
         return pixels, pixels < self.outputs
 
     def window(self, pixels, valid, dy, dx):
@@ -102,19 +162,20 @@ def _coefficients(u_ref, ck_ref, geometry, pixels, valid, chans, k):
     """(C_k u)[pixels, chans], u read at the strided centre pixels."""
     index, inside = geometry.window(pixels, valid, 1, 1)
     n = ck_ref.shape[1]
-    step = _chunk(n, CHANNELS)
+    step = geometry.channel_step(n)
 
     def body(ic, total):
         inputs = _range(ic * step, step)
         stream = _load(u_ref, index, inputs, inside, u_ref.dtype)
         return total + _dot(stream, ck_ref[k, inputs[:, None], chans[None, :]])
 
-    return jax.lax.fori_loop(0, n // step, body, jnp.zeros((PIXELS, chans.shape[0]), jnp.float32))
+    zeros = jnp.zeros((geometry.tiles.pixels, chans.shape[0]), jnp.float32)
+    return jax.lax.fori_loop(0, n // step, body, zeros)
 
 
 def _moments_kernel(u_ref, taps_ref, sums_ref, *, geometry, m):
     """sums[0, k, j] = sum of d_k, sums[1, k, j] = sum of d_k^2 over one image's pixels."""
-    step = _chunk(u_ref.shape[-1], CHANNELS)
+    step = geometry.channel_step(u_ref.shape[-1])
     chans = _range(pl.program_id(1) * step, step)
 
     def body(block, sums):
@@ -124,7 +185,7 @@ def _moments_kernel(u_ref, taps_ref, sums_ref, *, geometry, m):
                 tuple(s + (d * d).sum(0) for s, d in zip(sums[1], ders)))
 
     zeros = tuple(jnp.zeros((step,), jnp.float32) for _ in range(m))
-    sums = jax.lax.fori_loop(0, pl.cdiv(geometry.outputs, PIXELS), body, (zeros, zeros))
+    sums = jax.lax.fori_loop(0, geometry.blocks, body, (zeros, zeros))
     for power, k in itertools.product(range(2), range(m)):
         sums_ref[power, k, chans] = sums[power][k]
 
@@ -134,9 +195,9 @@ def _forward_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref, z_ref
     block of output pixels and output channels."""
     pixels, valid = geometry.pixels(pl.program_id(1))
     n, outputs = u_ref.shape[-1], z_ref.shape[-1]
-    width = _chunk(outputs, OUTPUTS)
+    width = geometry.output_step(outputs)
     outs = _range(pl.program_id(2) * width, width)
-    step = _chunk(n, CHANNELS)
+    step = geometry.channel_step(n)
 
     def body(jc, total):
         chans = _range(jc * step, step)
@@ -147,7 +208,7 @@ def _forward_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref, z_ref
             total = total + _dot(product.astype(ak_ref.dtype), ak_ref[k, chans[:, None], outs[None, :]])
         return total
 
-    total = jax.lax.fori_loop(0, n // step, body, jnp.zeros((PIXELS, width), jnp.float32))
+    total = jax.lax.fori_loop(0, n // step, body, jnp.zeros((geometry.tiles.pixels, width), jnp.float32))
     _store(z_ref, pixels, outs, valid, total)
 
 
@@ -163,9 +224,9 @@ def _backward_kernel(u_ref, dz_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_r
     (the cotangent of BN_d's output), writes dcoef_k = dprod_k * BN_d(d_k), the product,
     e_k * scale_k and d_k, and sums e*d, e, window_t(u), window_t(u) * d_k, window_t(u) * e_k."""
     n, outputs = u_ref.shape[-1], dz_ref.shape[-1]
-    step = _chunk(n, CHANNELS)
+    step = geometry.channel_step(n)
     chans = _range(pl.program_id(1) * step, step)
-    width = _chunk(outputs, OUTPUTS)
+    width = geometry.output_step(outputs)
     rows, count = partial_rows(m)
 
     def body(block, sums):
@@ -183,7 +244,7 @@ def _backward_kernel(u_ref, dz_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_r
                 return total + _dot(cotangent, ak_ref[k, chans[:, None], outs[None, :]], True)
 
             dprod = jax.lax.fori_loop(0, outputs // width, dprod_step,
-                                      jnp.zeros((PIXELS, step), jnp.float32))
+                                      jnp.zeros((geometry.tiles.pixels, step), jnp.float32))
             scale = scale_ref[k, chans][None, :]
             normed = scale * ders[k] + shift_ref[k, chans][None, :]
             dnorm = dprod * coef
@@ -201,7 +262,7 @@ def _backward_kernel(u_ref, dz_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_r
         return tuple(sums)
 
     zeros = (jnp.zeros((step,), jnp.float32),) * count
-    sums = jax.lax.fori_loop(0, pl.cdiv(geometry.outputs, PIXELS), body, zeros)
+    sums = jax.lax.fori_loop(0, geometry.blocks, body, zeros)
     for row, total in enumerate(sums):
         sums_ref[row, chans] = total
 
@@ -210,13 +271,14 @@ def _input_kernel(dnorm_ref, der_ref, taps_ref, dmean_ref, dsquare_ref, du_ref, 
     """du[p, j] = sum over taps t and k of taps[t, k, j] * dd_k[o, j] at the output pixel o that
     reads p through tap t, with dd_k = e_k * scale_k + ds1_k + 2 ds2_k d_k (K's cotangent)."""
     n = du_ref.shape[-1]
-    step = _chunk(n, CHANNELS)
+    step = geometry.channel_step(n)
     chans = _range(pl.program_id(2) * step, step)
-    pixels = _range(pl.program_id(1) * PIXELS, PIXELS)
+    size = geometry.tiles.pixels
+    pixels = _range(pl.program_id(1) * size, size)
     valid = pixels < geometry.height * geometry.width
     py, px = pixels // geometry.width, pixels % geometry.width
     s = geometry.stride
-    total = jnp.zeros((PIXELS, step), jnp.float32)
+    total = jnp.zeros((size, step), jnp.float32)
     for t, (dy, dx) in enumerate(TAPS):
         ny, nx = py - dy + 1, px - dx + 1
         oy, ox = ny // s, nx // s
@@ -242,7 +304,9 @@ def _whole(shape):  # the whole array in every program
 
 
 def _call(kernel, grid, in_specs, out_shapes, out_specs, interpret, **static):
-    params = None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
+    tiles = static['geometry'].tiles
+    params = (None if interpret
+              else pltriton.CompilerParams(num_warps=tiles.warps, num_stages=tiles.stages))
     return pl.pallas_call(functools.partial(kernel, **static), out_shape=out_shapes, grid=grid,
                           in_specs=in_specs, out_specs=out_specs, compiler_params=params,
                           interpret=interpret)
@@ -251,7 +315,7 @@ def _call(kernel, grid, in_specs, out_shapes, out_specs, interpret, **static):
 def moments(u, taps, *, geometry, interpret):
     batch, pixels, n = u.shape
     m = taps.shape[1]
-    return _call(_moments_kernel, (batch, n // _chunk(n, CHANNELS)),
+    return _call(_moments_kernel, (batch, n // geometry.channel_step(n)),
                  [_image(pixels, n), _whole(taps.shape)],
                  jax.ShapeDtypeStruct((batch, 2, m, n), jnp.float32),
                  pl.BlockSpec((None, 2, m, n), lambda b, c: (b, 0, 0, 0)),
@@ -261,7 +325,7 @@ def moments(u, taps, *, geometry, interpret):
 def forward(u, ck, taps, scale, shift, ak, *, geometry, interpret):
     batch, pixels, n = u.shape
     m, outputs = ak.shape[0], ak.shape[-1]
-    grid = (batch, pl.cdiv(geometry.outputs, PIXELS), outputs // _chunk(outputs, OUTPUTS))
+    grid = (batch, geometry.blocks, outputs // geometry.output_step(outputs))
     weights = (ck, taps, scale, shift, ak)
     return _call(_forward_kernel, grid, [_image(pixels, n)] + [_whole(w.shape) for w in weights],
                  jax.ShapeDtypeStruct((batch, geometry.outputs, outputs), u.dtype),
@@ -274,7 +338,7 @@ def backward(u, dz, ck, taps, scale, shift, ak, *, geometry, interpret):
     _, count = partial_rows(m)
     weights = (ck, taps, scale, shift, ak)
     wide = jax.ShapeDtypeStruct((batch, geometry.outputs, m * n), u.dtype)
-    return _call(_backward_kernel, (batch, n // _chunk(n, CHANNELS)),
+    return _call(_backward_kernel, (batch, n // geometry.channel_step(n)),
                  [_image(pixels, n), _image(geometry.outputs, dz.shape[-1])]
                  + [_whole(w.shape) for w in weights],
                  [wide] * 4 + [jax.ShapeDtypeStruct((batch, count, n), jnp.float32)],
@@ -287,7 +351,7 @@ def input_gradient(dnorm, der, taps, dmean, dsquare, *, geometry, interpret):
     m = taps.shape[1]
     n = wide // m
     pixels = geometry.height * geometry.width
-    grid = (batch, pl.cdiv(pixels, PIXELS), n // _chunk(n, CHANNELS))
+    grid = (batch, pl.cdiv(pixels, geometry.tiles.pixels), n // geometry.channel_step(n))
     return _call(_input_kernel, grid,
                  [_image(geometry.outputs, wide)] * 2 + [_whole(a.shape) for a in (taps, dmean, dsquare)],
                  jax.ShapeDtypeStruct((batch, pixels, n), jnp.float32), _image(pixels, n),
