@@ -1,10 +1,8 @@
 """Eq. (3)'s fused product and each of its Pallas kernels, layer by layer and per tile
 configuration, beside the same product computed by XLA.
 
-    python -m benchmarks.kernels --batch 256 --dtype bfloat16                  # on a GPU
-    python -m benchmarks.kernels --batch 256 --dtype bfloat16 \\
-        --tiles 64x32x64/w4s1,128x32x64/w8s1,64x16x64/w4s2                      # a tile sweep
-    python -m benchmarks.kernels --image-size 32 --batch 2 --reps 1            # CPU: tiny only
+    python -m benchmarks.kernels        # batch 256, bfloat16, 224x224 (on a CPU: batch 2, 32x32)
+    python -m benchmarks.kernels --tiles 64x32x64/w4s1,128x32x64/w8s1,64x16x64/w4s2   # a sweep
     python -m benchmarks.kernels --render benchmarks/results/gpu_h200/kernels.json
 
 For every Eq. (3) layer of the 224x224 network (`benchmarks.derivative.LAYERS`, resolutions
@@ -305,9 +303,11 @@ def markdown(report: dict, note: str = '') -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--batch', type=int, default=256)
-    parser.add_argument('--image-size', type=int, default=224,
-                        help="the network's input size: the layers at the resolutions it gives")
+    parser.add_argument('--batch', type=int, default=None,
+                        help='default 256; 2 on a CPU, where the kernels run in the interpreter')
+    parser.add_argument('--image-size', type=int, default=None,
+                        help="the network's input size, which gives the layers' resolutions "
+                             '(default 224; 32 on a CPU)')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='bfloat16')
     parser.add_argument('--reps', type=int, default=10)
     parser.add_argument('--tiles', default=str(fused_kernels.TILES),
@@ -340,7 +340,10 @@ def main(argv=None) -> None:
     if args.layers is not None and not set(args.layers.split(',')) <= set(indices):
         parser.error(f'--layers {args.layers}: choose from {",".join(indices)}')
     args.layers = [int(index) for index in (args.layers.split(',') if args.layers else indices)]
-    args.clock = args.clock or ('cpu' if jax.default_backend() == 'cpu' else 'wall')
+    cpu = jax.default_backend() == 'cpu'
+    args.batch = args.batch or (2 if cpu else 256)
+    args.image_size = args.image_size or (32 if cpu else 224)
+    args.clock = args.clock or ('cpu' if cpu else 'wall')
     args.out = args.out or timing.results_stem('kernels')
     report = {**timing.provenance_fields(MODULE, argv), **run(args), 'note': args.note}
     text = markdown(report, args.note)

@@ -68,6 +68,8 @@ MAIN = 'Eq. (3) softball@ds'
 BLOCK_IMPLS = tuple(impl for impl in qhnet_config.BLOCK_IMPLS if impl != 'auto')
 # Table 1 row title -> its key in qhnet.config.ROWS.
 ROW_KEYS = {row.title: key for key, row in qhnet_config.ROWS.items()}
+
+
 def row_config(title: str):
     """The ImageNet-100 config of the Table 1 row titled `title`."""
     return qhnet_config.row_config(ROW_KEYS[title])
@@ -384,6 +386,8 @@ def main(argv=None) -> None:
                         help='path stem for .md and .json outputs (default: '
                              'benchmarks/results/<device>/models)')
     args = parser.parse_args(argv)
+    if args.stages is not None and not 1 <= args.stages <= 4:
+        parser.error(f'--stages {args.stages}: the models have 4 stages; choose 1 to 4')
     if not set(args.block_impls) <= set(BLOCK_IMPLS):
         parser.error(f'--block-impls {",".join(args.block_impls)}: choose from {", ".join(BLOCK_IMPLS)}')
     args.out = args.out or timing.results_stem(f'models_stage{args.stages}' if args.stages else 'models')
