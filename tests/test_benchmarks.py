@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# About 8.5 minutes on 2 shared cores, most of it compiling the fused kernels in the Pallas
+# About 8.5 to 10 minutes on 2 cores, most of it compiling the fused kernels in the Pallas
 # interpreter (the models' pallas rows and the kernels benchmark).
 @pytest.mark.slow
 def test_gpu_quick_dry_run(tmp_path):
