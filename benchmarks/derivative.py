@@ -139,8 +139,7 @@ def run(args) -> dict:
 
 
 def markdown(report: dict, note: str) -> str:
-    impls = report['impls']
-    modes = report['modes']
+    impls, modes = report['impls'], report['modes']
     lines = [
         '# Derivative operator K: implementations compared',
         '',

@@ -57,13 +57,13 @@ if [[ $dry_run == 1 ]]; then
     trap 'rm -rf "$data_root"' EXIT
     sizes=(--image-size 32 --batch 2)
     model_reps=(--reps 1)
-    derivative_reps=(--reps 1)
+    layer_reps=(--reps 1)
     pipeline+=(--root "$data_root" --classes 2 --per-class 8 --image-size 32 --batch 2
                --workers 1 --seconds 0.5 --batches 1)
 else
     sizes=(--batch 256)
     model_reps=(--reps 10)
-    derivative_reps=(--reps 5)
+    layer_reps=(--reps 5)
     pipeline+=(--workers 16 --seconds 5)
 fi
 
@@ -82,12 +82,12 @@ failed=()
 models=("$python" -m benchmarks.models --models 'resnet50;eq3_softball' --block-impls xla,pallas
         --dtype bfloat16 "${sizes[@]}" "${model_reps[@]}")
 run "${models[@]}" --out "$out/models" || failed+=(models)
-run "$python" -m benchmarks.kernels --dtype bfloat16 "${sizes[@]}" "${derivative_reps[@]}" \
+run "$python" -m benchmarks.kernels --dtype bfloat16 "${sizes[@]}" "${layer_reps[@]}" \
     --out "$out/kernels" || failed+=(kernels)
 run "${models[@]}" --stages 1 --out "$out/models_stage1" || failed+=(models-stage1)
 # Layouts 0 and 1: Eq. (3)'s; Eq. (7)'s (j, k) channels are left out for time.
 run "$python" -m benchmarks.derivative --dtype bfloat16 --modes fwd,train --layouts 0,1 \
-    --impls folded,stencil "${sizes[@]}" "${derivative_reps[@]}" --out "$out/derivative" \
+    --impls folded,stencil "${sizes[@]}" "${layer_reps[@]}" --out "$out/derivative" \
     || failed+=(derivative)
 run "$python" -m benchmarks.pipeline "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
 
@@ -114,21 +114,22 @@ EOF
 fi
 if [[ -f $out/kernels.json ]]; then
     "$python" - "$out/kernels.json" <<'EOF' || failed+=(kernels-summary)
-import json, statistics, sys
+import json, sys
+
+from benchmarks.kernels import PARTS, network_seconds
 
 with open(sys.argv[1]) as f:
     report = json.load(f)
-parts = ('product', 'moments', 'forward', 'backward', 'input')
-totals = {}  # candidate -> seconds per network
-for layer in report['layers']:
-    for name, values in layer['times'].items():  # each layer times its block count
-        seconds = statistics.median(values[report['clock']]) * layer['count']
-        totals[name] = totals.get(name, 0.0) + seconds
+
+
+def ms(name):  # per network; 'failed' where any layer failed
+    seconds = network_seconds(report, name, report['clock'])
+    return 'failed' if seconds is None else f'{seconds * 1e3:.1f}'
+
+
 for tiles in report['tiles']:
-    timed = [part for part in parts if f'{tiles} {part}' in totals]
-    print(f'Eq. (3) product per network (forward + backward), {tiles}: xla '
-          f'{totals.get("xla", float("nan")) * 1e3:.1f} ms; pallas '
-          + ', '.join(f'{part} {totals[f"{tiles} {part}"] * 1e3:.1f}' for part in timed) + ' ms')
+    print(f'Eq. (3) product per network (forward + backward), {tiles}: xla {ms("xla")} ms; '
+          'pallas ' + ', '.join(f'{part} {ms(f"{tiles} {part}")}' for part in PARTS) + ' ms')
 EOF
 fi
 for stem in models models_stage1; do

@@ -176,8 +176,8 @@ def time_layer(args, size, channels, stride) -> dict:
     compiled, errors, io = {}, {}, {}
     for name, (fn, inputs) in candidates.items():
         part = name.split()[-1]
-        if part in KERNELS:
-            io.setdefault(part, io_bytes(fn, inputs))
+        if part in KERNELS and part not in io:  # the same shapes under every tiles
+            io[part] = io_bytes(fn, inputs)
         try:
             compiled[name] = functools.partial(fn.lower(*inputs).compile(), *inputs)
         except Exception as error:  # reported in the table; the other candidates still run
@@ -216,7 +216,7 @@ def _layer(row):  # 'HxWxC/stride'
     return f'{row["size"]}x{row["size"]}x{row["channels"]}/{row["stride"]}'
 
 
-def _network(report, name, clock):
+def network_seconds(report, name, clock):
     """A candidate's seconds per network, each layer times its block count; None if it failed
     on any layer."""
     seconds = [_seconds(row, name, clock) for row in report['layers']]
@@ -277,12 +277,12 @@ def markdown(report: dict, note: str = '') -> str:
             known = None not in seconds.values()
             cells.append(f'{(product - sum(seconds[k] for k in KERNELS)) * 1e3:.2f}' if known else '')
             lines.append(f'| {_layer(row)} x{row["count"]} | {tiles} | ' + ' | '.join(cells) + ' |')
-    xla = _network(report, 'xla', clock)
+    xla = network_seconds(report, 'xla', clock)
     lines += ['', '**Per network** (the layers above, each times its block count), ms; xla '
               + ('failed' if xla is None else f'{xla * 1e3:.1f}') + ':', '',
               '| tiles | ' + ' | '.join(PARTS) + ' | xla / product |', '|' + '---|' * (len(PARTS) + 2)]
     for tiles in report['tiles']:
-        total = {part: _network(report, f'{tiles} {part}', clock) for part in PARTS}
+        total = {part: network_seconds(report, f'{tiles} {part}', clock) for part in PARTS}
         cells = ['failed' if value is None else f'{value * 1e3:.1f}' for value in total.values()]
         ratio = f'{xla / total["product"]:.2f}x' if xla and total['product'] else ''
         lines.append(f'| {tiles} | ' + ' | '.join(cells) + f' | {ratio} |')
