@@ -13,9 +13,11 @@ scaled to `--image-size`), with one bank of m = 4 kernels shared by every channe
   default implementation);
 - per `--tiles` (`qhnet.models.fused_kernels.Tiles`, PIXELSxCHANNELSxOUTPUTS/wWARPSsSTAGES):
   `product`, the same by `qhnet.models.fused.product`, and each of its kernels alone on
-  inputs of the shapes it gets there: `moments`, `forward`, `backward` and `input`; `rest`
-  is the product's time outside them (XLA's matrix products for C's and A's gradients and
-  for u's gradient through C, BN_d's fold and the sums), by difference.
+  inputs of the shapes it gets there: `moments`, `forward` or `uncombined` (the layer's
+  forward pass: `fused.stores_product` picks; the other is timed too, in brackets),
+  `backward` and `input`; `rest` is the product's time outside the kernels it runs (XLA's
+  matrix products for A where the product is stored, for C's and A's gradients and for u's
+  gradient through C, BN_d's fold and the sums), by difference.
 
 Bytes: a kernel's are its operands read once and its results written once (a floor: the
 windows it reads again come from the cache); the product's are the fewest it must move
@@ -46,7 +48,7 @@ from qhnet.models.derivative import DEFAULT_IMPL, depthwise_conv
 
 MODULE = 'benchmarks.kernels'
 MULTIPLIER = 4
-KERNELS = ('moments', 'forward', 'backward', 'input')
+KERNELS = ('moments', 'forward', 'uncombined', 'backward', 'input')
 PARTS = ('product',) + KERNELS
 
 
@@ -130,8 +132,8 @@ def product_candidates(batch, size, channels, stride, shared, dtype, tiles_list,
             for name, product in products.items()}
 
 
-def kernel_candidates(batch, size, channels, stride, dtype, tiles_list, seed=0):
-    """'<tiles> <kernel>' for each tiles and kernel: the jitted call of `fused_kernels` with
+def kernel_calls(batch, size, channels, stride, shared, dtype, interpret, seed=0):
+    """kernel -> (call, inputs): each of `fused_kernels`' calls, taking a `geometry`, with
     inputs of the shapes and dtypes that `fused.product` gives it (values random: times do
     not depend on them)."""
     m, n = MULTIPLIER, channels
@@ -144,17 +146,25 @@ def kernel_candidates(batch, size, channels, stride, dtype, tiles_list, seed=0):
     u = normal((batch, size * size, n), dtype)
     dz = normal((batch, geometry.outputs, block_outputs(n, stride)), dtype)
     ck, ak = normal((m, n, n), dtype), normal((m, n, dz.shape[-1]), dtype)
-    taps, scale, shift, dmean, dsquare = normal((9, m, n)), *(normal((m, n)) for _ in range(4))
+    taps = normal((9, m) if shared else (9, m, n))
+    scale, shift, dmean, dsquare = (normal((m, n)) for _ in range(4))
     dnorm, der = (normal((batch, geometry.outputs, m * n), dtype) for _ in range(2))
     calls = dict(moments=(fused_kernels.moments, (u, taps)),
                  forward=(fused_kernels.forward, (u, ck, taps, scale, shift, ak)),
+                 uncombined=(fused_kernels.uncombined, (u, ck, taps, scale, shift)),
                  backward=(fused_kernels.backward, (u, dz, ck, taps, scale, shift, ak)),
-                 input=(fused_kernels.input_gradient, (dnorm, der, taps, dmean, dsquare)))
-    interpret = jax.default_backend() != 'gpu'
+                 input=(fused_kernels.input_gradient, (dnorm, der, u, taps, dmean, dsquare)))
+    return {name: (functools.partial(call, interpret=interpret), inputs)
+            for name, (call, inputs) in calls.items()}, geometry
+
+
+def kernel_candidates(batch, size, channels, stride, shared, dtype, tiles_list, seed=0):
+    """'<tiles> <kernel>' for each tiles and kernel: the jitted call and its inputs."""
+    calls, geometry = kernel_calls(batch, size, channels, stride, shared, dtype,
+                                   jax.default_backend() != 'gpu', seed)
 
     def jitted(call, tiles):
-        tiled = dataclasses.replace(geometry, tiles=tiles)
-        return jax.jit(functools.partial(call, geometry=tiled, interpret=interpret))
+        return jax.jit(functools.partial(call, geometry=dataclasses.replace(geometry, tiles=tiles)))
 
     return {f'{tiles} {name}': (jitted(call, tiles), inputs)
             for tiles in tiles_list for name, (call, inputs) in calls.items()}
@@ -172,7 +182,8 @@ def time_layer(args, size, channels, stride) -> dict:
     dtype = DTYPES[args.dtype]
     candidates = (product_candidates(args.batch, size, channels, stride, not args.per_channel,
                                      dtype, args.tiles)
-                  | kernel_candidates(args.batch, size, channels, stride, dtype, args.tiles))
+                  | kernel_candidates(args.batch, size, channels, stride, not args.per_channel, dtype,
+                                       args.tiles))
     compiled, errors, io = {}, {}, {}
     for name, (fn, inputs) in candidates.items():
         part = name.split()[-1]
@@ -184,7 +195,10 @@ def time_layer(args, size, channels, stride) -> dict:
             traceback.print_exc()
             errors[name] = failure(error)
     itemsize = jnp.dtype(dtype).itemsize
-    return dict(size=size, channels=channels, stride=stride, io=io, errors=errors,
+    stored = {str(tiles): fused.stores_product(
+        fused_kernels.Geometry(size, size, stride, tiles), channels,
+        block_outputs(channels, stride), itemsize) for tiles in args.tiles}
+    return dict(size=size, channels=channels, stride=stride, io=io, errors=errors, stored=stored,
                 bytes=product_bytes(args.batch, size, channels, stride, MULTIPLIER,
                                     not args.per_channel, itemsize),
                 flops=product_flops(args.batch, size, channels, stride, MULTIPLIER),
@@ -216,10 +230,19 @@ def _layer(row):  # 'HxWxC/stride'
     return f'{row["size"]}x{row["size"]}x{row["channels"]}/{row["stride"]}'
 
 
+def runs(row, tiles) -> tuple[str, ...]:
+    """The kernels that the product runs on a layer under `tiles`: `forward` or, where it
+    stores the product, `uncombined`, beside the other three."""
+    skipped = 'forward' if row.get('stored', {}).get(tiles) else 'uncombined'
+    return tuple(kernel for kernel in KERNELS if kernel != skipped)
+
+
 def network_seconds(report, name, clock):
-    """A candidate's seconds per network, each layer times its block count; None if it failed
-    on any layer."""
-    seconds = [_seconds(row, name, clock) for row in report['layers']]
+    """A candidate's seconds per network, each layer times its block count (a kernel counts
+    only on the layers where the product runs it); None if it failed on any layer."""
+    tiles, _, part = name.rpartition(' ')
+    seconds = [0.0 if part in KERNELS and part not in runs(row, tiles) else _seconds(row, name, clock)
+               for row in report['layers']]
     if None in seconds:
         return None
     return sum(value * row['count'] for value, row in zip(seconds, report['layers']))
@@ -253,7 +276,8 @@ def markdown(report: dict, note: str = '') -> str:
              + (f'{peak_gbps:g} GB/s of HBM bandwidth' if peak_gbps else 'a peak (none known here)')
              + '. TFLOP/s: `product_flops` per wall-clock second; in brackets, against '
              + (f'the {peak_tflops:g} TFLOP/s dense bfloat16 peak' if peak_tflops else 'a peak')
-             + '. `rest`: the product less its four kernels (XLA\'s matrix products and sums).', '']
+             + '. `rest`: the product less the kernels it runs (XLA\'s matrix products and sums); '
+             'in brackets, the forward kernel it does not run on that layer.', '']
     header = ['layer (HxWxC/stride) x count', 'tiles', 'xla ms', 'product ms', 'xla / product',
               'product GB/s', 'TFLOP/s'] + [f'{kernel} ms (GB/s)' for kernel in KERNELS] + ['rest ms']
     lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -272,10 +296,12 @@ def markdown(report: dict, note: str = '') -> str:
                           _rate(row['flops'], wall, peak_tflops, 1e12)]
             for kernel in KERNELS:
                 wall = _seconds(row, f'{tiles} {kernel}', 'wall')
-                cells.append('failed' if wall is None else f'{seconds[kernel] * 1e3:.2f} ('
-                             + _rate(row['io'][kernel], wall, peak_gbps, 1e9) + ')')
+                cell = 'failed' if wall is None else (f'{seconds[kernel] * 1e3:.2f} ('
+                                                      + _rate(row['io'][kernel], wall, peak_gbps, 1e9) + ')')
+                cells.append(cell if kernel in runs(row, tiles) else f'[{cell}]')
             known = None not in seconds.values()
-            cells.append(f'{(product - sum(seconds[k] for k in KERNELS)) * 1e3:.2f}' if known else '')
+            cells.append(f'{(product - sum(seconds[k] for k in runs(row, tiles))) * 1e3:.2f}'
+                         if known else '')
             lines.append(f'| {_layer(row)} x{row["count"]} | {tiles} | ' + ' | '.join(cells) + ' |')
     xla = network_seconds(report, 'xla', clock)
     lines += ['', '**Per network** (the layers above, each times its block count), ms; xla '
@@ -301,6 +327,30 @@ def markdown(report: dict, note: str = '') -> str:
     return '\n'.join(lines) + '\n'
 
 
+def add_layer_arguments(parser):
+    """--tiles, --layers and --per-channel, which this benchmark and benchmarks.registers share."""
+    parser.add_argument('--tiles', default=str(fused_kernels.TILES),
+                        help="','-separated tiles, PIXELSxCHANNELSxOUTPUTS/wWARPSsSTAGES "
+                             f'(default: {fused_kernels.TILES}, what the model uses)')
+    parser.add_argument('--layers', default=None,
+                        help=f"','-separated indices into benchmarks.derivative.LAYERS (default: "
+                             f'all {len(LAYERS)})')
+    parser.add_argument('--per-channel', action='store_true',
+                        help="the product's K per channel instead of one shared bank")
+
+
+def parse_layer_arguments(parser, args):
+    """args.tiles into `Tiles`, args.layers into indices; a bad value stops with its fix."""
+    try:
+        args.tiles = [fused_kernels.Tiles.parse(text) for text in args.tiles.split(',')]
+    except ValueError as error:
+        parser.error(f'--tiles: {error}')
+    indices = [str(index) for index in range(len(LAYERS))]
+    if args.layers is not None and not set(args.layers.split(',')) <= set(indices):
+        parser.error(f'--layers {args.layers}: choose from {",".join(indices)}')
+    args.layers = [int(index) for index in (args.layers.split(',') if args.layers else indices)]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--batch', type=int, default=None,
@@ -310,14 +360,7 @@ def main(argv=None) -> None:
                              '(default 224; 32 on a CPU)')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='bfloat16')
     parser.add_argument('--reps', type=int, default=10)
-    parser.add_argument('--tiles', default=str(fused_kernels.TILES),
-                        help="','-separated tiles, PIXELSxCHANNELSxOUTPUTS/wWARPSsSTAGES "
-                             f'(default: {fused_kernels.TILES}, what the model uses)')
-    parser.add_argument('--layers', default=None,
-                        help=f"','-separated indices into benchmarks.derivative.LAYERS (default: "
-                             f'all {len(LAYERS)})')
-    parser.add_argument('--per-channel', action='store_true',
-                        help="the product's K per channel instead of one shared bank")
+    add_layer_arguments(parser)
     parser.add_argument('--clock', choices=('cpu', 'wall'), default=None,
                         help="'cpu': process CPU time (default on CPU); 'wall' (default elsewhere)")
     parser.add_argument('--slow-seconds', type=float, default=20.0,
@@ -332,14 +375,7 @@ def main(argv=None) -> None:
             report = json.load(f)
         print(markdown(report, report.get('note', '')))
         return
-    try:
-        args.tiles = [fused_kernels.Tiles.parse(text) for text in args.tiles.split(',')]
-    except ValueError as error:
-        parser.error(f'--tiles: {error}')
-    indices = [str(index) for index in range(len(LAYERS))]
-    if args.layers is not None and not set(args.layers.split(',')) <= set(indices):
-        parser.error(f'--layers {args.layers}: choose from {",".join(indices)}')
-    args.layers = [int(index) for index in (args.layers.split(',') if args.layers else indices)]
+    parse_layer_arguments(parser, args)
     cpu = jax.default_backend() == 'cpu'
     args.batch = args.batch or (2 if cpu else 256)
     args.image_size = args.image_size or (32 if cpu else 224)

@@ -66,7 +66,7 @@ def test_gpu_quick_dry_run(tmp_path):
     for layer in kernels['layers']:
         assert layer['errors'] == {}
         assert set(layer['times']) == {'xla'} | {f'64x32x64/w4s1 {part}' for part in (
-            'product', 'moments', 'forward', 'backward', 'input')}
+            'product', 'moments', 'forward', 'uncombined', 'backward', 'input')}
     assert reports['pipeline']['old'] == []  # --no-baseline
     assert [run['workers'] for run in reports['pipeline']['workers']] == [1, 1]
     for layout in ('ws m=4 (Eq. 3)', 'no ws m=4 (Eq. 3 no ws)'):
@@ -134,6 +134,24 @@ def test_fused_product_counts():
     assert product_flops(2, 4, 8, 1, 4) == 3 * 2 * 32 * (256 + 288 + 256)  # stride 1: n' = n
 
 
+def test_registers_table_marks_spills_and_failures():
+    from benchmarks import registers
+
+    fine = dict(registers=152, stack=0, shared=8192)
+    kernels = {'64x32x64/w4s1 moments': dict(registers=255, stack=1120, shared=256),
+               '64x32x64/w4s1 forward': fine, '64x32x64/w4s1 uncombined': fine,
+               '64x32x64/w4s1 backward': fine,
+               '64x32x64/w4s1 input': 'CompilationError: out of resources'}
+    report = dict(triton='3.9.0', shared=True, tiles=['64x32x64/w4s1'],
+                  layers=[dict(size=56, channels=64, stride=1, kernels=kernels)])
+    text = registers.markdown(report)
+    assert ('| 56x56x64/1 | 64x32x64/w4s1 | 255, **1120 B spilled**, 0.2 KiB | 152, 8.0 KiB | '
+            '152, 8.0 KiB | 152, 8.0 KiB | failed |') in text, text
+    assert registers.spills(report) == ['56x56x64/1 64x32x64/w4s1 moments',
+                                        '56x56x64/1 64x32x64/w4s1 input']
+    assert 'Failed: 56x56x64/1 64x32x64/w4s1 input: CompilationError: out of resources.' in text
+
+
 def test_kernels_table_reports_a_failed_candidate():
     from benchmarks import kernels
 
@@ -142,25 +160,30 @@ def test_kernels_table_reports_a_failed_candidate():
 
     tiles = ['64x32x64/w4s1', '128x32x64/w8s1']
     layer = dict(size=56, channels=64, stride=1, count=3, bytes=4e8, flops=2e11,
-                 io=dict(moments=1e8, forward=2e8, backward=5e8, input=3e8),
+                 io=dict(moments=1e8, forward=2e8, uncombined=4e8, backward=5e8, input=3e8),
+                 stored={'64x32x64/w4s1': False, '128x32x64/w8s1': True},
                  errors={'128x32x64/w8s1 product': 'ValueError: out of shared memory'},
                  times={'xla': times(4.0), '64x32x64/w4s1 product': times(2.0),
                         '64x32x64/w4s1 moments': times(0.1), '64x32x64/w4s1 forward': times(0.4),
+                        '64x32x64/w4s1 uncombined': times(0.5),
                         '64x32x64/w4s1 backward': times(0.8), '64x32x64/w4s1 input': times(0.3),
                         '128x32x64/w8s1 moments': times(0.2), '128x32x64/w8s1 forward': times(0.5),
+                        '128x32x64/w8s1 uncombined': times(0.6),
                         '128x32x64/w8s1 backward': times(1.0), '128x32x64/w8s1 input': times(0.3)})
     report = dict(clock='wall', batch=256, dtype='bfloat16', reps=1, shared=True,
                   default_impl='stencil', tiles=tiles, peak_tflops=989.0, peak_gbps=4800.0,
                   device_kind='NVIDIA H200', layers=[layer])
     text = kernels.markdown(report)
     # 4e8 bytes in 2 ms: 200 GB/s, 4% of 4800; 2e11 FLOPs: 100 TFLOP/s, 10% of 989; the rest
-    # 2.0 - (0.1 + 0.4 + 0.8 + 0.3) ms.
+    # 2.0 - (0.1 + 0.4 + 0.8 + 0.3) ms, without the uncombined kernel, which these tiles do
+    # not run on this layer (in brackets); the other tiles store the product instead.
     assert ('| 56x56x64/1 x3 | 64x32x64/w4s1 | 4.00 | 2.00 | 2.00x | 200 (4%) | 100 (10%) | '
-            '0.10 (1000 (21%)) | 0.40 (500 (10%)) | 0.80 (625 (13%)) | 0.30 (1000 (21%)) | 0.40 |'
-            in text), text
+            '0.10 (1000 (21%)) | 0.40 (500 (10%)) | [0.50 (800 (17%))] | 0.80 (625 (13%)) | '
+            '0.30 (1000 (21%)) | 0.40 |' in text), text
+    assert '| 0.20 (500 (10%)) | [0.50 (400 (8%))] | 0.60 (667 (14%)) |' in text, text
     assert '| 56x56x64/1 x3 | 128x32x64/w8s1 | 4.00 | failed |  |  |  | 0.20 (' in text, text
-    assert '| 64x32x64/w4s1 | 6.0 | 0.3 | 1.2 | 2.4 | 0.9 | 2.00x |' in text, text
-    assert '| 128x32x64/w8s1 | failed | 0.6 | 1.5 | 3.0 | 0.9 |  |' in text, text
+    assert '| 64x32x64/w4s1 | 6.0 | 0.3 | 1.2 | 0.0 | 2.4 | 0.9 | 2.00x |' in text, text
+    assert '| 128x32x64/w8s1 | failed | 0.6 | 0.0 | 1.8 | 3.0 | 0.9 |  |' in text, text
     assert 'Fastest tiles per layer: 56x56x64/1 64x32x64/w4s1.' in text
     assert 'Failed to compile: 56x56x64/1 128x32x64/w8s1 product: ValueError: out of shared ' \
         'memory.' in text

@@ -90,6 +90,43 @@ def test_fused_block_equals_the_layers(digits, small_tiles, shape, features, mul
     assert_close(eval_grad(kernels, variables, u), eval_grad(layers, variables, u), 'eval gradients')
 
 
+def test_forward_stores_the_product_where_repeats_of_c_cost_more(digits, monkeypatch):
+    """In bfloat16 at the default tiles the 14x14 and 7x7 layers of the 224 network write the
+    product for XLA to apply A; that path gives the forward kernel's output and gradients."""
+    from benchmarks.derivative import LAYERS
+    from benchmarks.kernels import block_outputs
+    stored = [(size, n, s) for size, n, s, _ in LAYERS if fused.stores_product(
+        fused_kernels.Geometry(size, size, s), n, block_outputs(n, s), itemsize=2)]
+    assert stored == [(14, 256, 1), (14, 256, 2), (7, 512, 1)]
+
+    n, m, outputs = 4, 2, 16  # 4 blocks of 4 output channels: C u formed 4 times when fused
+    u = jnp.asarray(digits[0][:2 * n]).reshape(2, n, 8, 8).transpose(0, 2, 3, 1)[:, :7, :5] - 0.3
+    keys = jax.random.split(jax.random.key(0), 6)
+    weights = dict(coef=jax.random.normal(keys[0], (n, m * n)),
+                   kernel=jax.random.normal(keys[1], (3, 3, 1, m)),
+                   bn_scale=1 + 0.2 * jax.random.normal(keys[2], (m * n,)),
+                   bn_bias=0.2 * jax.random.normal(keys[3], (m * n,)),
+                   combine=jax.random.normal(keys[4], (m * n, outputs)))
+    probe = jax.random.normal(keys[5], (2, 4, 3, outputs))
+    tiles = fused_kernels.Tiles(pixels=16, channels=2, outputs=4)
+
+    def run(flops_per_byte):
+        monkeypatch.setattr(fused, 'FLOPS_PER_BYTE', flops_per_byte)
+
+        def loss(weights, u):
+            z, (mean, var) = fused.product(u, **weights, mean=jnp.zeros(m * n), var=jnp.ones(m * n),
+                                           multiplier=m, stride=2, train=True, tiles=tiles)
+            return jnp.sum(z * probe) + jnp.sum(mean * var), z
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(weights, u)
+
+    assert fused.stores_product(fused_kernels.Geometry(7, 5, 2, tiles), n, outputs, 4) is False
+    fused_grads, fused_z = run(1e9)
+    stored_grads, stored_z = run(0)
+    assert_close(stored_z, fused_z, 'output')
+    assert_close(stored_grads, fused_grads, 'gradients')
+
+
 def train_steps(block_impl, count=3):
     """The initial and the final state of `count` training steps of a 2-stage QHNet (m = 2)
     on scikit-learn's digits."""
@@ -214,6 +251,22 @@ def test_kernels_lower_for_the_gpu(stride, sharing, tiles):
     tiles = tiles or fused_kernels.TILES
     assert text.count(f'num_warps = {tiles.warps} : i32') == 4, tiles
     assert text.count(f'num_stages = {tiles.stages} : i32') == 4, tiles
+
+
+@pytest.mark.parametrize('layer', [0, 5])  # 56x56x64 at stride 1, 14x14x256 at stride 2
+def test_kernels_compile_for_sm90_without_spilling(layer):
+    """Compiled for an H100/H200 by the triton package, each kernel of the default tiles and a
+    shared bank keeps its values in registers: a spill inside its loops would cost a round trip
+    to memory per value."""
+    pytest.importorskip('triton', reason="the 'triton' package (Linux x86-64, in .[dev])")
+    from benchmarks.derivative import LAYERS
+    from benchmarks.registers import layer_resources
+    size, channels, stride, _ = LAYERS[layer]
+    resources = layer_resources(size, channels, stride, True, [fused_kernels.TILES])
+    assert len(resources) == 5, resources
+    for name, value in resources.items():
+        assert isinstance(value, dict), (name, value)  # compiled
+        assert value['stack'] == 0 and value['registers'] <= 255, (name, value)
 
 
 @pytest.mark.slow

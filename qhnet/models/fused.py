@@ -3,14 +3,15 @@ per-channel kernels, and no mixing maps,
 
     z = A [ (C u) * BN_d(K u) ],    C: n -> mn,  K: n -> mn (3x3, stride s),  A: mn -> n',
 
-computed without storing any of its mn-channel tensors in the forward pass. BN_d is folded
-into a scale and a shift per derivative channel, from the batch moments of K u (training)
+computed keeping none of its mn-channel tensors for the backward pass. BN_d is folded into
+a scale and a shift per derivative channel, from the batch moments of K u (training)
 or the running averages (evaluation). BN_o stays outside, on z's n' channels.
 
 The kernels (`qhnet.models.fused_kernels`; Triton on the GPU, the Pallas interpreter on the
 CPU): the batch moments of K u (training only); the forward pass, with C u, K u and the
-product in registers; the backward pass, which recomputes the product; and the transposed
-stencil for u's gradient through K.
+product in registers (or, where `stores_product` says so, the product written for XLA to
+apply A); the backward pass, which recomputes the product; and the transposed
+stencil for u's gradient through K, which also sums K's gradient.
 
 C's and A's gradients and the input gradient through C are XLA matrix products on the
 backward kernel's outputs. Each kernel treats each image alone, and tells XLA's partitioner
@@ -33,6 +34,22 @@ from qhnet.models import fused_kernels as kernels
 # the layers on the CPU (in the interpreter) and lower for the GPU (Triton); the GPU's entry
 # becomes 'pallas' once benchmarks/gpu_quick.sh measures them faster there.
 AUTO = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
+
+
+# Dense bfloat16 FLOPs per byte of HBM traffic at an H100's or H200's peaks (about 300 and 200):
+# the exchange rate at which `stores_product` weighs repeated FLOPs against stored bytes.
+FLOPS_PER_BYTE = 200
+
+
+def stores_product(geometry, n, outputs, itemsize) -> bool:
+    """Whether the forward pass writes the mn-channel product for XLA to apply A instead of
+    fusing A. The forward kernel forms C u (2n FLOPs per product value) once per block of
+    output channels; storing the product costs 2 x `itemsize` bytes per value (written, read
+    back). It is stored when the repeats' FLOPs exceed FLOPS_PER_BYTE times those bytes:
+    (blocks - 1) x 2n > FLOPS_PER_BYTE x 2 x itemsize. In bfloat16 at the default tiles: the
+    14x14 and 7x7 layers of the 224x224 network."""
+    repeats = outputs // geometry.output_step(outputs) - 1
+    return repeats * n > FLOPS_PER_BYTE * itemsize
 
 
 def resolve(impl: str) -> str:
@@ -93,7 +110,14 @@ def _fused_forward(u, ck, taps, gamma, beta, ak, mean, var, static):
     sums = (_per_image(kernels.moments, 1, u, taps, **launch).sum(0) if train
             else jnp.zeros((2,) + gamma.shape))
     scale, shift, mean, var = _affine(sums, gamma, beta, mean, var, count, train, epsilon)
-    z = _per_image(kernels.forward, 1, u, ck, taps, scale, shift, ak, **launch)
+    m, n, outputs = ak.shape
+    if stores_product(geometry, n, outputs, u.dtype.itemsize):
+        wide = _per_image(kernels.uncombined, 1, u, ck, taps, scale, shift, **launch)
+        z = jnp.einsum('bpc,co->bpo', wide, ak.reshape(m * n, outputs),
+                       precision=jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32).astype(u.dtype)
+    else:
+        z = _per_image(kernels.forward, 1, u, ck, taps, scale, shift, ak, **launch)
     return (z, mean, var), (u, ck, taps, gamma, beta, ak, mean, var, sums)
 
 
@@ -108,18 +132,14 @@ def _fused_backward(static, residuals, cotangents):
     launch = dict(geometry=geometry, interpret=interpret)
     dcoef, product, dnorm, der, partial = _per_image(kernels.backward, 2, u, dz, ck, taps, scale,
                                                      shift, ak, **launch)
-    m, n = gamma.shape
-    rows, _ = kernels.partial_rows(m)
-    partial = partial.sum(0)
-    dscale, dshift = partial[:m], partial[m:2 * m]
+    dscale, dshift = partial.sum(0)
     dsums, dgamma, dbeta, dmean_in, dvar_in = affine_vjp((dscale, dshift, dmean, dvar))
-    window = partial[rows['window']:rows['window'] + 9][:, None]
-    window_d = partial[rows['window_d']:rows['window_e']].reshape(9, m, n)
-    window_e = partial[rows['window_e']:].reshape(9, m, n)
-    dtaps = scale * window_e + dsums[0] * window + 2 * dsums[1] * window_d
-    du = _per_image(kernels.input_gradient, 2, dnorm, der, taps, dsums[0], dsums[1], **launch)
+    du, dtaps = _per_image(kernels.input_gradient, 3, dnorm, der, u, taps, dsums[0], dsums[1],
+                           **launch)
+    dtaps = dtaps.sum(axis=(0, 1, 2) if taps.ndim == 2 else (0, 1))
     # Through C (at the strided centre pixels) and the two 1x1 maps' weights: XLA matrix products.
     precision, s, batch = jax.lax.Precision.HIGHEST, geometry.stride, u.shape[0]
+    m, n = gamma.shape
     dcoef = dcoef.reshape(*dcoef.shape[:2], m, n)
     image = u.reshape(batch, geometry.height, geometry.width, n)
     centres = image[:, ::s, ::s].reshape(batch, geometry.outputs, n)
@@ -161,8 +181,10 @@ def product(u, coef, kernel, bn_scale, bn_bias, combine, mean, var, *, multiplie
         raise ValueError(f'the fused kernels need widths that are multiples of 16 on the GPU, got '
                          f'{n} -> {combine.shape[-1]} channels; use model.block_impl=\'xla\'')
     geometry = kernels.Geometry(height, width, stride, tiles or kernels.TILES)
-    per_channel = jnp.tile(kernel.reshape(9, -1), (1, n * m // kernel.shape[-1]))
-    taps = per_channel.reshape(9, n, m).transpose(0, 2, 1).astype(jnp.float32)
+    if kernel.shape[-1] == m:  # one bank shared by every channel: taps[t, k]
+        taps = kernel.reshape(9, m).astype(jnp.float32)
+    else:  # per channel: taps[t, k, j]
+        taps = kernel.reshape(9, n, m).transpose(0, 2, 1).astype(jnp.float32)
 
     def derivative_major(x):  # (..., n*m) with channel j*m + k -> (..., m, n)
         return jnp.swapaxes(x.reshape(*x.shape[:-1], n, m), -1, -2)

@@ -2,17 +2,24 @@
 launch them: Triton on the GPU, the Pallas interpreter elsewhere.
 
 Arrays are per image and flat over pixels: u (B, H*W, n), z (B, H'*W', n'). The channel axis
-of every mn-channel array is derivative-major (k*n + j): C_k (m, n, n), A_k (m, n, n'), the
-taps of K per channel (9, m, n), BN_d's folded scale and shift (m, n).
+of every mn-channel array is derivative-major (k*n + j): C_k (m, n, n), A_k (m, n, n'), K's
+taps (9, m) for one bank shared by every channel or (9, m, n) per channel, BN_d's folded
+scale and shift (m, n).
 
-- moments:  per image and channel chunk, the sums of K u and (K u)^2;
-- forward:  per image, block of output pixels and block of output channels, z, with C u,
-            K u and the product in registers;
-- backward: per image and channel chunk, the product recomputed: the cotangents of the
-            coefficients and of K u, the product itself for dA, and the per-channel sums
-            that give BN_d's and K's gradients (K's through sum_o window_t(u) * cotangent);
-- input:    per image and block of input pixels, the transposed stencil of K's cotangent.
+- moments:    per image and channel chunk, the sums of K u and (K u)^2;
+- forward:    per image, block of output pixels and block of output channels, z, with C u,
+              K u and the product in registers, one derivative at a time;
+- uncombined: per image, block of output pixels and channel chunk, the product itself, for
+              XLA to apply A (where the forward kernel's repeats of C u would cost more);
+- backward:   per image, channel chunk and derivative, the product recomputed: the
+              cotangents of the coefficients and of K u, the product itself for dA, and the
+              per-channel sums that give BN_d's gradients;
+- input:      per image, block of input pixels and channel chunk, K's cotangent taken back
+              through the transposed stencil, and the block's share of K's gradient.
 
+The derivatives are a `fori_loop`, not unrolled, so that one derivative's values are live
+at a time (unrolled, the kernels would spill registers on sm_90: `python -m
+benchmarks.registers`); only the moments of a shared bank take every derivative in one pass.
 `Tiles` sets the programs' sizes (`TILES` by default); `python -m benchmarks.kernels` times
 each kernel under other tiles.
 """
@@ -143,14 +150,18 @@ class Geometry:
         return iy * self.width + ix, inside
 
 
-def _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m):
-    """K u on a (pixels, chans) tile: m arrays, d_k = sum_t taps[t, k] * window_t(u)."""
-    ders = [0.0] * m
+def _tap(taps_ref, t, k, chans):
+    """Tap t of derivative k: a scalar for a bank shared by every channel (taps (9, m)), a row
+    over `chans` for per-channel kernels (taps (9, m, n))."""
+    return taps_ref[t, k] if len(taps_ref.shape) == 2 else taps_ref[t, k, chans][None, :]
+
+
+def _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k):
+    """(K_k u)[pixels, chans] = sum_t taps[t, k] * window_t(u)."""
+    der = 0.0
     for t, (dy, dx) in enumerate(TAPS):
-        window = _window(u_ref, geometry, pixels, valid, dy, dx, chans)
-        for k in range(m):
-            ders[k] = ders[k] + taps_ref[t, k, chans][None, :] * window
-    return ders
+        der = der + _tap(taps_ref, t, k, chans) * _window(u_ref, geometry, pixels, valid, dy, dx, chans)
+    return der
 
 
 def _window(u_ref, geometry, pixels, valid, dy, dx, chans):
@@ -158,7 +169,7 @@ def _window(u_ref, geometry, pixels, valid, dy, dx, chans):
     return _load(u_ref, index, chans, inside)
 
 
-def _coefficients(u_ref, ck_ref, geometry, pixels, valid, chans, k):
+def _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k):
     """(C_k u)[pixels, chans], u read at the strided centre pixels."""
     index, inside = geometry.window(pixels, valid, 1, 1)
     n = ck_ref.shape[1]
@@ -178,106 +189,130 @@ def _moments_kernel(u_ref, taps_ref, sums_ref, *, geometry, m):
     step = geometry.channel_step(u_ref.shape[-1])
     chans = _range(pl.program_id(1) * step, step)
 
-    def body(block, sums):
-        pixels, valid = geometry.pixels(block)
-        ders = _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m)
-        return (tuple(s + d.sum(0) for s, d in zip(sums[0], ders)),
-                tuple(s + (d * d).sum(0) for s, d in zip(sums[1], ders)))
+    def over_pixels(ks):
+        def body(block, sums):
+            pixels, valid = geometry.pixels(block)
+            ders = [_derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k) for k in ks]
+            return (tuple(s + d.sum(0) for s, d in zip(sums[0], ders)),
+                    tuple(s + (d * d).sum(0) for s, d in zip(sums[1], ders)))
 
-    zeros = tuple(jnp.zeros((step,), jnp.float32) for _ in range(m))
-    sums = jax.lax.fori_loop(0, geometry.blocks, body, (zeros, zeros))
-    for power, k in itertools.product(range(2), range(m)):
-        sums_ref[power, k, chans] = sums[power][k]
+        zeros = tuple(jnp.zeros((step,), jnp.float32) for _ in ks)
+        sums = jax.lax.fori_loop(0, geometry.blocks, body, (zeros, zeros))
+        for power, (i, k) in itertools.product(range(2), enumerate(ks)):
+            sums_ref[power, k, chans] = sums[power][i]
+
+    def per_k(k, carry):
+        over_pixels([k])
+        return carry
+
+    if len(taps_ref.shape) == 2:  # a shared bank's taps are scalars: every k in one pass
+        over_pixels(range(m))
+    else:  # per-channel taps are rows: one k at a time keeps only its taps in registers
+        jax.lax.fori_loop(0, m, per_k, 0)
 
 
 def _forward_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref, z_ref, *, geometry, m):
-    """z = sum over k and channel chunks of (C_k u * (scale_k K_k u + shift_k)) A_k on one
-    block of output pixels and output channels."""
+    """z = sum over channel chunks and k of (C_k u * (scale_k K_k u + shift_k)) A_k on one
+    block of output pixels and output channels; one (chunk, k) at a time (a loop, not
+    unrolled: only one C_k u and K_k u live in registers)."""
     pixels, valid = geometry.pixels(pl.program_id(1))
     n, outputs = u_ref.shape[-1], z_ref.shape[-1]
     width = geometry.output_step(outputs)
     outs = _range(pl.program_id(2) * width, width)
     step = geometry.channel_step(n)
 
-    def body(jc, total):
-        chans = _range(jc * step, step)
-        ders = _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m)
-        for k in range(m):
-            coef = _coefficients(u_ref, ck_ref, geometry, pixels, valid, chans, k)
-            product = coef * (scale_ref[k, chans][None, :] * ders[k] + shift_ref[k, chans][None, :])
-            total = total + _dot(product.astype(ak_ref.dtype), ak_ref[k, chans[:, None], outs[None, :]])
-        return total
+    def body(index, total):
+        k, chans = jax.lax.rem(index, m), _range(jax.lax.div(index, m) * step, step)
+        coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
+        der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
+        product = coef * (scale_ref[k, chans][None, :] * der + shift_ref[k, chans][None, :])
+        return total + _dot(product.astype(ak_ref.dtype), ak_ref[k, chans[:, None], outs[None, :]])
 
-    total = jax.lax.fori_loop(0, n // step, body, jnp.zeros((geometry.tiles.pixels, width), jnp.float32))
+    total = jax.lax.fori_loop(0, n // step * m, body,
+                              jnp.zeros((geometry.tiles.pixels, width), jnp.float32))
     _store(z_ref, pixels, outs, valid, total)
 
 
-def partial_rows(m):
-    """Row offsets of the backward kernel's per-channel sums."""
-    rows = dict(dscale=0, dshift=m, window=2 * m, window_d=2 * m + 9, window_e=2 * m + 9 + 9 * m)
-    return rows, 2 * m + 9 + 18 * m
+def _uncombined_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, product_ref, *, geometry, m):
+    """The product (C_k u) * (scale_k K_k u + shift_k) on one block of output pixels and one
+    channel chunk, for every k: for XLA to apply A where the forward kernel's repeats of C u
+    would cost more."""
+    pixels, valid = geometry.pixels(pl.program_id(1))
+    n = u_ref.shape[-1]
+    step = geometry.channel_step(n)
+    chans = _range(pl.program_id(2) * step, step)
+
+    def per_k(k, carry):
+        coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
+        der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
+        product = coef * (scale_ref[k, chans][None, :] * der + shift_ref[k, chans][None, :])
+        _store(product_ref, pixels, k * n + chans, valid, product)
+        return carry
+
+    jax.lax.fori_loop(0, m, per_k, 0)
 
 
 def _backward_kernel(u_ref, dz_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref,
                      dcoef_ref, product_ref, dnorm_ref, der_ref, sums_ref, *, geometry, m):
-    """Per channel chunk of one image, over all its output pixels: with e_k = dprod_k * coef_k
-    (the cotangent of BN_d's output), writes dcoef_k = dprod_k * BN_d(d_k), the product,
-    e_k * scale_k and d_k, and sums e*d, e, window_t(u), window_t(u) * d_k, window_t(u) * e_k."""
+    """Per channel chunk of one image, per k, over all its output pixels: with
+    e_k = dprod_k * coef_k (the cotangent of BN_d's output), writes dcoef_k = dprod_k * BN_d(d_k),
+    the product, e_k * scale_k and d_k, and sums e_k * d_k and e_k (BN_d's scale and shift
+    gradients)."""
     n, outputs = u_ref.shape[-1], dz_ref.shape[-1]
     step = geometry.channel_step(n)
     chans = _range(pl.program_id(1) * step, step)
     width = geometry.output_step(outputs)
-    rows, count = partial_rows(m)
 
-    def body(block, sums):
-        sums = list(sums)
-        pixels, valid = geometry.pixels(block)
-        ders = _derivatives(u_ref, taps_ref, geometry, pixels, valid, chans, m)
-        for t, (dy, dx) in enumerate(TAPS):
-            sums[rows['window'] + t] += _window(u_ref, geometry, pixels, valid, dy, dx, chans).sum(0)
-        for k in range(m):
-            coef = _coefficients(u_ref, ck_ref, geometry, pixels, valid, chans, k)
+    def per_k(k, carry):
+        scale, shift = scale_ref[k, chans][None, :], shift_ref[k, chans][None, :]
+        columns = k * n + chans
 
-            def dprod_step(oc, total):
+        def per_block(block, sums):
+            pixels, valid = geometry.pixels(block)
+
+            def dprod_step(oc, total):  # dprod_k = dz A_k^T
                 outs = _range(oc * width, width)
                 cotangent = _load(dz_ref, pixels, outs, valid, ak_ref.dtype)
                 return total + _dot(cotangent, ak_ref[k, chans[:, None], outs[None, :]], True)
 
             dprod = jax.lax.fori_loop(0, outputs // width, dprod_step,
                                       jnp.zeros((geometry.tiles.pixels, step), jnp.float32))
-            scale = scale_ref[k, chans][None, :]
-            normed = scale * ders[k] + shift_ref[k, chans][None, :]
+            coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
+            der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
+            normed = scale * der + shift
             dnorm = dprod * coef
-            columns = k * n + chans
             _store(dcoef_ref, pixels, columns, valid, dprod * normed)
             _store(product_ref, pixels, columns, valid, coef * normed)
             _store(dnorm_ref, pixels, columns, valid, dnorm * scale)
-            _store(der_ref, pixels, columns, valid, ders[k])
-            sums[rows['dscale'] + k] += (dnorm * ders[k]).sum(0)
-            sums[rows['dshift'] + k] += dnorm.sum(0)
-            for t, (dy, dx) in enumerate(TAPS):  # windows read again, not kept in registers
-                window = _window(u_ref, geometry, pixels, valid, dy, dx, chans)
-                sums[rows['window_d'] + m * t + k] += (window * ders[k]).sum(0)
-                sums[rows['window_e'] + m * t + k] += (window * dnorm).sum(0)
-        return tuple(sums)
+            _store(der_ref, pixels, columns, valid, der)
+            return sums[0] + (dnorm * der).sum(0), sums[1] + dnorm.sum(0)
 
-    zeros = (jnp.zeros((step,), jnp.float32),) * count
-    sums = jax.lax.fori_loop(0, geometry.blocks, body, zeros)
-    for row, total in enumerate(sums):
-        sums_ref[row, chans] = total
+        zeros = jnp.zeros((step,), jnp.float32)
+        dscale, dshift = jax.lax.fori_loop(0, geometry.blocks, per_block, (zeros, zeros))
+        sums_ref[0, k, chans] = dscale
+        sums_ref[1, k, chans] = dshift
+        return carry
+
+    jax.lax.fori_loop(0, m, per_k, 0)
 
 
-def _input_kernel(dnorm_ref, der_ref, taps_ref, dmean_ref, dsquare_ref, du_ref, *, geometry, m):
-    """du[p, j] = sum over taps t and k of taps[t, k, j] * dd_k[o, j] at the output pixel o that
-    reads p through tap t, with dd_k = e_k * scale_k + ds1_k + 2 ds2_k d_k (K's cotangent)."""
+def _input_kernel(dnorm_ref, der_ref, u_ref, taps_ref, dmean_ref, dsquare_ref, du_ref, dtaps_ref,
+                  *, geometry, m):
+    """K's cotangent dd_k = e_k * scale_k + ds1_k + 2 ds2_k d_k (ds: the gradients of BN_d's
+    batch sums) taken back through K on one block of input pixels: du[p, j] = sum over taps t
+    and k of taps[t, k, j] * dd_k[o, j], o the output pixel that reads p through tap t; and
+    the block's share of K's gradient, dtaps[t, k] = sum over p (and j, for a shared bank) of
+    u[p, j] * dd_k[o, j]."""
     n = du_ref.shape[-1]
     step = geometry.channel_step(n)
     chans = _range(pl.program_id(2) * step, step)
     size = geometry.tiles.pixels
     pixels = _range(pl.program_id(1) * size, size)
     valid = pixels < geometry.height * geometry.width
+    stream = _load(u_ref, pixels, chans, valid)
     py, px = pixels // geometry.width, pixels % geometry.width
     s = geometry.stride
+    shared = len(taps_ref.shape) == 2
     total = jnp.zeros((size, step), jnp.float32)
     for t, (dy, dx) in enumerate(TAPS):
         ny, nx = py - dy + 1, px - dx + 1
@@ -290,7 +325,12 @@ def _input_kernel(dnorm_ref, der_ref, taps_ref, dmean_ref, dsquare_ref, du_ref, 
             cotangent = (_load(dnorm_ref, index, columns, reads)
                          + jnp.where(reads[:, None], dmean_ref[k, chans][None, :], 0.0)
                          + 2 * dsquare_ref[k, chans][None, :] * _load(der_ref, index, columns, reads))
-            total = total + taps_ref[t, k, chans][None, :] * cotangent
+            total = total + _tap(taps_ref, t, k, chans) * cotangent
+            share = (stream * cotangent).sum(0)
+            if shared:
+                dtaps_ref[pl.program_id(2), t, k] = share.sum()
+            else:
+                dtaps_ref[t, k, chans] = share
     _store(du_ref, pixels, chans, valid, total)
 
 
@@ -332,27 +372,44 @@ def forward(u, ck, taps, scale, shift, ak, *, geometry, interpret):
                  _image(geometry.outputs, outputs), interpret, geometry=geometry, m=m)(u, *weights)
 
 
+def uncombined(u, ck, taps, scale, shift, *, geometry, interpret):
+    batch, pixels, n = u.shape
+    m = scale.shape[0]
+    weights = (ck, taps, scale, shift)
+    return _call(_uncombined_kernel, (batch, geometry.blocks, n // geometry.channel_step(n)),
+                 [_image(pixels, n)] + [_whole(w.shape) for w in weights],
+                 jax.ShapeDtypeStruct((batch, geometry.outputs, m * n), u.dtype),
+                 _image(geometry.outputs, m * n), interpret, geometry=geometry, m=m)(u, *weights)
+
+
 def backward(u, dz, ck, taps, scale, shift, ak, *, geometry, interpret):
     batch, pixels, n = u.shape
     m = ak.shape[0]
-    _, count = partial_rows(m)
     weights = (ck, taps, scale, shift, ak)
     wide = jax.ShapeDtypeStruct((batch, geometry.outputs, m * n), u.dtype)
     return _call(_backward_kernel, (batch, n // geometry.channel_step(n)),
                  [_image(pixels, n), _image(geometry.outputs, dz.shape[-1])]
                  + [_whole(w.shape) for w in weights],
-                 [wide] * 4 + [jax.ShapeDtypeStruct((batch, count, n), jnp.float32)],
-                 [_image(geometry.outputs, m * n)] * 4 + [_image(count, n)],
+                 [wide] * 4 + [jax.ShapeDtypeStruct((batch, 2, m, n), jnp.float32)],
+                 [_image(geometry.outputs, m * n)] * 4
+                 + [pl.BlockSpec((None, 2, m, n), lambda b, c: (b, 0, 0, 0))],
                  interpret, geometry=geometry, m=m)(u, dz, *weights)
 
 
-def input_gradient(dnorm, der, taps, dmean, dsquare, *, geometry, interpret):
-    batch, _, wide = dnorm.shape
-    m = taps.shape[1]
-    n = wide // m
-    pixels = geometry.height * geometry.width
-    grid = (batch, pl.cdiv(pixels, geometry.tiles.pixels), n // geometry.channel_step(n))
-    return _call(_input_kernel, grid,
-                 [_image(geometry.outputs, wide)] * 2 + [_whole(a.shape) for a in (taps, dmean, dsquare)],
-                 jax.ShapeDtypeStruct((batch, pixels, n), jnp.float32), _image(pixels, n),
-                 interpret, geometry=geometry, m=m)(dnorm, der, taps, dmean, dsquare)
+def input_gradient(dnorm, der, u, taps, dmean, dsquare, *, geometry, interpret):
+    """u's gradient through K, and K's gradient per image and block of input pixels: (B,
+    blocks, chunks, 9, m) for a shared bank (a value per channel chunk), (B, blocks, 9, m, n)
+    for per-channel kernels."""
+    batch, pixels, n = u.shape
+    m = dmean.shape[0]
+    chunks = n // geometry.channel_step(n)
+    blocks = pl.cdiv(pixels, geometry.tiles.pixels)
+    share = (chunks,) + taps.shape if taps.ndim == 2 else taps.shape
+    return _call(_input_kernel, (batch, blocks, chunks),
+                 [_image(geometry.outputs, m * n)] * 2 + [_image(pixels, n)]
+                 + [_whole(a.shape) for a in (taps, dmean, dsquare)],
+                 [jax.ShapeDtypeStruct((batch, pixels, n), jnp.float32),
+                  jax.ShapeDtypeStruct((batch, blocks) + share, jnp.float32)],
+                 [_image(pixels, n),
+                  pl.BlockSpec((None, None) + share, lambda b, p, c: (b, p) + (0,) * len(share))],
+                 interpret, geometry=geometry, m=m)(dnorm, der, u, taps, dmean, dsquare)
