@@ -10,7 +10,9 @@ reads the cubin's resources: registers per thread (255 at most), stack bytes per
 (spilled registers: none of the kernels keeps an array in local memory, so any stack is a
 spill, and a spill in a loop costs a round trip to memory) and shared memory per program.
 The device compiles with the Triton inside its jaxlib, another version: its counts may
-differ, not the structure that causes them. Writes markdown (stdout and `--out`.md) and JSON
+differ, not the structure that causes them. Lowering for CUDA on a machine without a GPU
+takes a jaxlib up to 0.10.2, which leaves Triton's compilation to XLA (later ones compile
+while lowering, through the GPU plugin). Writes markdown (stdout and `--out`.md) and JSON
 (`--out`.json); `--out` defaults to benchmarks/results/sm_90/registers (registers_per_channel
 with `--per-channel`). Exit status 1 when a kernel spills or fails to compile.
 """
