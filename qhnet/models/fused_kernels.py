@@ -254,46 +254,41 @@ def _uncombined_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, product_re
 
 def _backward_kernel(u_ref, dz_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref,
                      dcoef_ref, product_ref, dnorm_ref, der_ref, sums_ref, *, geometry, m):
-    """Per channel chunk of one image, per k, over all its output pixels: with
+    """Per channel chunk and derivative k of one image, over all its output pixels: with
     e_k = dprod_k * coef_k (the cotangent of BN_d's output), writes dcoef_k = dprod_k * BN_d(d_k),
     the product, e_k * scale_k and d_k, and sums e_k * d_k and e_k (BN_d's scale and shift
     gradients)."""
     n, outputs = u_ref.shape[-1], dz_ref.shape[-1]
     step = geometry.channel_step(n)
-    chans = _range(pl.program_id(1) * step, step)
+    chans, k = _range(pl.program_id(1) * step, step), pl.program_id(2)
     width = geometry.output_step(outputs)
+    scale, shift = scale_ref[k, chans][None, :], shift_ref[k, chans][None, :]
+    columns = k * n + chans
 
-    def per_k(k, carry):
-        scale, shift = scale_ref[k, chans][None, :], shift_ref[k, chans][None, :]
-        columns = k * n + chans
+    def per_block(block, sums):
+        pixels, valid = geometry.pixels(block)
 
-        def per_block(block, sums):
-            pixels, valid = geometry.pixels(block)
+        def dprod_step(oc, total):  # dprod_k = dz A_k^T
+            outs = _range(oc * width, width)
+            cotangent = _load(dz_ref, pixels, outs, valid, ak_ref.dtype)
+            return total + _dot(cotangent, ak_ref[k, chans[:, None], outs[None, :]], True)
 
-            def dprod_step(oc, total):  # dprod_k = dz A_k^T
-                outs = _range(oc * width, width)
-                cotangent = _load(dz_ref, pixels, outs, valid, ak_ref.dtype)
-                return total + _dot(cotangent, ak_ref[k, chans[:, None], outs[None, :]], True)
+        dprod = jax.lax.fori_loop(0, outputs // width, dprod_step,
+                                  jnp.zeros((geometry.tiles.pixels, step), jnp.float32))
+        coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
+        der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
+        normed = scale * der + shift
+        dnorm = dprod * coef
+        _store(dcoef_ref, pixels, columns, valid, dprod * normed)
+        _store(product_ref, pixels, columns, valid, coef * normed)
+        _store(dnorm_ref, pixels, columns, valid, dnorm * scale)
+        _store(der_ref, pixels, columns, valid, der)
+        return sums[0] + (dnorm * der).sum(0), sums[1] + dnorm.sum(0)
 
-            dprod = jax.lax.fori_loop(0, outputs // width, dprod_step,
-                                      jnp.zeros((geometry.tiles.pixels, step), jnp.float32))
-            coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
-            der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
-            normed = scale * der + shift
-            dnorm = dprod * coef
-            _store(dcoef_ref, pixels, columns, valid, dprod * normed)
-            _store(product_ref, pixels, columns, valid, coef * normed)
-            _store(dnorm_ref, pixels, columns, valid, dnorm * scale)
-            _store(der_ref, pixels, columns, valid, der)
-            return sums[0] + (dnorm * der).sum(0), sums[1] + dnorm.sum(0)
-
-        zeros = jnp.zeros((step,), jnp.float32)
-        dscale, dshift = jax.lax.fori_loop(0, geometry.blocks, per_block, (zeros, zeros))
-        sums_ref[0, k, chans] = dscale
-        sums_ref[1, k, chans] = dshift
-        return carry
-
-    jax.lax.fori_loop(0, m, per_k, 0)
+    zeros = jnp.zeros((step,), jnp.float32)
+    dscale, dshift = jax.lax.fori_loop(0, geometry.blocks, per_block, (zeros, zeros))
+    sums_ref[0, k, chans] = dscale
+    sums_ref[1, k, chans] = dshift
 
 
 def _input_kernel(dnorm_ref, der_ref, u_ref, taps_ref, dmean_ref, dsquare_ref, du_ref, dtaps_ref,
@@ -387,12 +382,12 @@ def backward(u, dz, ck, taps, scale, shift, ak, *, geometry, interpret):
     m = ak.shape[0]
     weights = (ck, taps, scale, shift, ak)
     wide = jax.ShapeDtypeStruct((batch, geometry.outputs, m * n), u.dtype)
-    return _call(_backward_kernel, (batch, n // geometry.channel_step(n)),
+    return _call(_backward_kernel, (batch, n // geometry.channel_step(n), m),
                  [_image(pixels, n), _image(geometry.outputs, dz.shape[-1])]
                  + [_whole(w.shape) for w in weights],
                  [wide] * 4 + [jax.ShapeDtypeStruct((batch, 2, m, n), jnp.float32)],
                  [_image(geometry.outputs, m * n)] * 4
-                 + [pl.BlockSpec((None, 2, m, n), lambda b, c: (b, 0, 0, 0))],
+                 + [pl.BlockSpec((None, 2, m, n), lambda b, *_: (b, 0, 0, 0))],
                  interpret, geometry=geometry, m=m)(u, dz, *weights)
 
 
