@@ -299,9 +299,9 @@ def markdown(report: dict, note: str = '') -> str:
                 cell = 'failed' if wall is None else (f'{seconds[kernel] * 1e3:.2f} ('
                                                       + _rate(row['io'][kernel], wall, peak_gbps, 1e9) + ')')
                 cells.append(cell if kernel in runs(row, tiles) else f'[{cell}]')
-            known = None not in seconds.values()
-            cells.append(f'{(product - sum(seconds[k] for k in runs(row, tiles))) * 1e3:.2f}'
-                         if known else '')
+            used = [seconds[kernel] for kernel in runs(row, tiles)]
+            cells.append(f'{(product - sum(used)) * 1e3:.2f}'
+                         if product is not None and None not in used else '')
             lines.append(f'| {_layer(row)} x{row["count"]} | {tiles} | ' + ' | '.join(cells) + ' |')
     xla = network_seconds(report, 'xla', clock)
     lines += ['', '**Per network** (the layers above, each times its block count), ms; xla '
