@@ -150,10 +150,14 @@ class Geometry:
         return iy * self.width + ix, inside
 
 
+def _shared(taps_ref):
+    """Whether K is one bank shared by every channel (taps (9, m)), not per channel (9, m, n)."""
+    return len(taps_ref.shape) == 2
+
+
 def _tap(taps_ref, t, k, chans):
-    """Tap t of derivative k: a scalar for a bank shared by every channel (taps (9, m)), a row
-    over `chans` for per-channel kernels (taps (9, m, n))."""
-    return taps_ref[t, k] if len(taps_ref.shape) == 2 else taps_ref[t, k, chans][None, :]
+    """Tap t of derivative k: a scalar for a shared bank, a row over `chans` per channel."""
+    return taps_ref[t, k] if _shared(taps_ref) else taps_ref[t, k, chans][None, :]
 
 
 def _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k):
@@ -184,6 +188,13 @@ def _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k):
     return jax.lax.fori_loop(0, n // step, body, zeros)
 
 
+def _product(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, geometry, pixels, valid, chans, k):
+    """(C_k u) * BN_d(K_k u), BN_d(d) = scale_k d + shift_k, on a (pixels, chans) tile."""
+    coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
+    der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
+    return coef * (scale_ref[k, chans][None, :] * der + shift_ref[k, chans][None, :])
+
+
 def _moments_kernel(u_ref, taps_ref, sums_ref, *, geometry, m):
     """sums[0, k, j] = sum of d_k, sums[1, k, j] = sum of d_k^2 over one image's pixels."""
     step = geometry.channel_step(u_ref.shape[-1])
@@ -205,7 +216,7 @@ def _moments_kernel(u_ref, taps_ref, sums_ref, *, geometry, m):
         over_pixels([k])
         return carry
 
-    if len(taps_ref.shape) == 2:  # a shared bank's taps are scalars: every k in one pass
+    if _shared(taps_ref):  # a shared bank's taps are scalars: every k in one pass
         over_pixels(range(m))
     else:  # per-channel taps are rows: one k at a time keeps only its taps in registers
         jax.lax.fori_loop(0, m, per_k, 0)
@@ -223,10 +234,9 @@ def _forward_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_ref, z_ref
 
     def body(index, total):
         k, chans = jax.lax.rem(index, m), _range(jax.lax.div(index, m) * step, step)
-        coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
-        der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
-        product = coef * (scale_ref[k, chans][None, :] * der + shift_ref[k, chans][None, :])
-        return total + _dot(product.astype(ak_ref.dtype), ak_ref[k, chans[:, None], outs[None, :]])
+        product = _product(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, geometry, pixels, valid,
+                           chans, k).astype(ak_ref.dtype)
+        return total + _dot(product, ak_ref[k, chans[:, None], outs[None, :]])
 
     total = jax.lax.fori_loop(0, n // step * m, body,
                               jnp.zeros((geometry.tiles.pixels, width), jnp.float32))
@@ -243,9 +253,8 @@ def _uncombined_kernel(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, product_re
     chans = _range(pl.program_id(2) * step, step)
 
     def per_k(k, carry):
-        coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
-        der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
-        product = coef * (scale_ref[k, chans][None, :] * der + shift_ref[k, chans][None, :])
+        product = _product(u_ref, ck_ref, taps_ref, scale_ref, shift_ref, geometry, pixels, valid,
+                           chans, k)
         _store(product_ref, pixels, k * n + chans, valid, product)
         return carry
 
@@ -277,7 +286,7 @@ def _backward_kernel(u_ref, dz_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_r
                                   jnp.zeros((geometry.tiles.pixels, step), jnp.float32))
         coef = _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k)
         der = _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k)
-        normed = scale * der + shift
+        normed = scale * der + shift  # as in _product, with scale and shift loaded once
         dnorm = dprod * coef
         _store(dcoef_ref, pixels, columns, valid, dprod * normed)
         _store(product_ref, pixels, columns, valid, coef * normed)
@@ -307,7 +316,6 @@ def _input_kernel(dnorm_ref, der_ref, u_ref, taps_ref, dmean_ref, dsquare_ref, d
     stream = _load(u_ref, pixels, chans, valid)
     py, px = pixels // geometry.width, pixels % geometry.width
     s = geometry.stride
-    shared = len(taps_ref.shape) == 2
     total = jnp.zeros((size, step), jnp.float32)
     for t, (dy, dx) in enumerate(TAPS):
         ny, nx = py - dy + 1, px - dx + 1
@@ -322,7 +330,7 @@ def _input_kernel(dnorm_ref, der_ref, u_ref, taps_ref, dmean_ref, dsquare_ref, d
                          + 2 * dsquare_ref[k, chans][None, :] * _load(der_ref, index, columns, reads))
             total = total + _tap(taps_ref, t, k, chans) * cotangent
             share = (stream * cotangent).sum(0)
-            if shared:
+            if _shared(taps_ref):
                 dtaps_ref[pl.program_id(2), t, k] = share.sum()
             else:
                 dtaps_ref[t, k, chans] = share
