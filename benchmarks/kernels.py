@@ -149,11 +149,12 @@ def kernel_calls(batch, size, channels, stride, shared, dtype, interpret, seed=0
     taps = normal((9, m) if shared else (9, m, n))
     scale, shift, dmean, dsquare = (normal((m, n)) for _ in range(4))
     dnorm, der = (normal((batch, geometry.outputs, m * n), dtype) for _ in range(2))
+    dcentres = normal((batch, geometry.outputs, n), dtype)
     calls = dict(moments=(fused_kernels.moments, (u, taps)),
                  forward=(fused_kernels.forward, (u, ck, taps, scale, shift, ak)),
                  uncombined=(fused_kernels.uncombined, (u, ck, taps, scale, shift)),
                  backward=(fused_kernels.backward, (u, dz, ck, taps, scale, shift, ak)),
-                 input=(fused_kernels.input_gradient, (dnorm, der, u, taps, dmean, dsquare)))
+                 input=(fused_kernels.input_gradient, (dnorm, der, u, dcentres, taps, dmean, dsquare)))
     return {name: (functools.partial(call, interpret=interpret), inputs)
             for name, (call, inputs) in calls.items()}, geometry
 

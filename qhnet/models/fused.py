@@ -13,9 +13,10 @@ product in registers (or, where `stores_product` says so, the product written fo
 apply A); the backward pass, which recomputes the product; and the transposed
 stencil for u's gradient through K, which also sums K's gradient.
 
-C's and A's gradients and the input gradient through C are XLA matrix products on the
-backward kernel's outputs. Each kernel treats each image alone, and tells XLA's partitioner
-so (`custom_partitioning`): a batch split over devices stays split. The channel axis of
+C's and A's gradients and u's cotangent through C are XLA matrix products on the backward
+kernel's outputs; the input kernel adds the last to u's gradient through K as it writes it.
+Each kernel treats each image alone, and tells XLA's partitioner so
+(`custom_partitioning`): a batch split over devices stays split. The channel axis of
 every mn-channel array here is derivative-major (k*n + j); the parameters keep the layers'
 layout (j*m + k), and `product` converts. `jax.grad` goes through a `custom_vjp`;
 forward-mode autodiff is not defined.
@@ -134,25 +135,22 @@ def _fused_backward(static, residuals, cotangents):
                                                      shift, ak, **launch)
     dscale, dshift = partial.sum(0)
     dsums, dgamma, dbeta, dmean_in, dvar_in = affine_vjp((dscale, dshift, dmean, dvar))
-    du, dtaps = _per_image(kernels.input_gradient, 3, dnorm, der, u, taps, dsums[0], dsums[1],
-                           **launch)
-    dtaps = dtaps.sum(axis=(0, 1, 2) if taps.ndim == 2 else (0, 1))
     # Through C (at the strided centre pixels) and the two 1x1 maps' weights: XLA matrix products.
-    precision, s, batch = jax.lax.Precision.HIGHEST, geometry.stride, u.shape[0]
+    precision, batch = jax.lax.Precision.HIGHEST, u.shape[0]
     m, n = gamma.shape
     dcoef = dcoef.reshape(*dcoef.shape[:2], m, n)
-    image = u.reshape(batch, geometry.height, geometry.width, n)
-    centres = image[:, ::s, ::s].reshape(batch, geometry.outputs, n)
-    dck = jnp.einsum('bpi,bpkj->kij', centres, dcoef, precision=precision,
-                     preferred_element_type=jnp.float32)
+    dcentres = jnp.einsum('bpkj,kij->bpi', dcoef, ck, precision=precision,
+                          preferred_element_type=jnp.float32).astype(u.dtype)
+    du, dtaps = _per_image(kernels.input_gradient, 4, dnorm, der, u, dcentres, taps, dsums[0],
+                           dsums[1], **launch)
+    dtaps = dtaps.sum(axis=(0, 1, 2) if taps.ndim == 2 else (0, 1))
+    s = geometry.stride
+    centres = u.reshape(batch, geometry.height, geometry.width, n)[:, ::s, ::s]
+    dck = jnp.einsum('bpi,bpkj->kij', centres.reshape(batch, geometry.outputs, n), dcoef,
+                     precision=precision, preferred_element_type=jnp.float32)
     dak = jnp.einsum('bpkj,bpo->kjo', product.reshape(dcoef.shape), dz,
                      precision=precision, preferred_element_type=jnp.float32)
-    dcentres = jnp.einsum('bpkj,kij->bpi', dcoef, ck, precision=precision,
-                          preferred_element_type=jnp.float32)
-    image = du.reshape(batch, geometry.height, geometry.width, n)
-    image = image.at[:, ::s, ::s].add(dcentres.reshape(batch, geometry.out_h, geometry.out_w, n))
-    return (image.reshape(u.shape).astype(u.dtype), dck.astype(ck.dtype), dtaps,
-            dgamma, dbeta, dak.astype(ak.dtype), dmean_in, dvar_in)
+    return (du, dck.astype(ck.dtype), dtaps, dgamma, dbeta, dak.astype(ak.dtype), dmean_in, dvar_in)
 
 
 _fused.defvjp(_fused_forward, _fused_backward)

@@ -14,8 +14,9 @@ scale and shift (m, n).
 - backward:   per image, channel chunk and derivative, the product recomputed: the
               cotangents of the coefficients and of K u, the product itself for dA, and the
               per-channel sums that give BN_d's gradients;
-- input:      per image, block of input pixels and channel chunk, K's cotangent taken back
-              through the transposed stencil, and the block's share of K's gradient.
+- input:      per image, block of input pixels and channel chunk, u's gradient (K's
+              cotangent taken back through the transposed stencil, plus C's at the strided
+              centre pixels) and the block's share of K's gradient.
 
 The derivatives are a `fori_loop`, not unrolled, so that one derivative's values are live
 at a time (unrolled, the kernels would spill registers on sm_90: `python -m
@@ -164,13 +165,9 @@ def _derivative(u_ref, taps_ref, geometry, pixels, valid, chans, k):
     """(K_k u)[pixels, chans] = sum_t taps[t, k] * window_t(u)."""
     der = 0.0
     for t, (dy, dx) in enumerate(TAPS):
-        der = der + _tap(taps_ref, t, k, chans) * _window(u_ref, geometry, pixels, valid, dy, dx, chans)
+        index, inside = geometry.window(pixels, valid, dy, dx)
+        der = der + _tap(taps_ref, t, k, chans) * _load(u_ref, index, chans, inside)
     return der
-
-
-def _window(u_ref, geometry, pixels, valid, dy, dx, chans):
-    index, inside = geometry.window(pixels, valid, dy, dx)
-    return _load(u_ref, index, chans, inside)
 
 
 def _coefficient(u_ref, ck_ref, geometry, pixels, valid, chans, k):
@@ -300,11 +297,12 @@ def _backward_kernel(u_ref, dz_ref, ck_ref, taps_ref, scale_ref, shift_ref, ak_r
     sums_ref[1, k, chans] = dshift
 
 
-def _input_kernel(dnorm_ref, der_ref, u_ref, taps_ref, dmean_ref, dsquare_ref, du_ref, dtaps_ref,
-                  *, geometry, m):
+def _input_kernel(dnorm_ref, der_ref, u_ref, dcentres_ref, taps_ref, dmean_ref, dsquare_ref,
+                  du_ref, dtaps_ref, *, geometry, m):
     """K's cotangent dd_k = e_k * scale_k + ds1_k + 2 ds2_k d_k (ds: the gradients of BN_d's
-    batch sums) taken back through K on one block of input pixels: du[p, j] = sum over taps t
-    and k of taps[t, k, j] * dd_k[o, j], o the output pixel that reads p through tap t; and
+    batch sums) taken back through K on one block of input pixels, plus u's cotangent through
+    C: du[p, j] = sum over taps t and k of taps[t, k, j] * dd_k[o, j], o the output pixel that
+    reads p through tap t, + dcentres[c, j] where p is the centre pixel of output pixel c; and
     the block's share of K's gradient, dtaps[t, k] = sum over p (and j, for a shared bank) of
     u[p, j] * dd_k[o, j]."""
     n = du_ref.shape[-1]
@@ -334,6 +332,8 @@ def _input_kernel(dnorm_ref, der_ref, u_ref, taps_ref, dmean_ref, dsquare_ref, d
                 dtaps_ref[pl.program_id(2), t, k] = share.sum()
             else:
                 dtaps_ref[t, k, chans] = share
+    centre = valid & (py % s == 0) & (px % s == 0)
+    total = total + _load(dcentres_ref, py // s * geometry.out_w + px // s, chans, centre)
     _store(du_ref, pixels, chans, valid, total)
 
 
@@ -399,20 +399,21 @@ def backward(u, dz, ck, taps, scale, shift, ak, *, geometry, interpret):
                  interpret, geometry=geometry, m=m)(u, dz, *weights)
 
 
-def input_gradient(dnorm, der, u, taps, dmean, dsquare, *, geometry, interpret):
-    """u's gradient through K, and K's gradient per image and block of input pixels: (B,
-    blocks, chunks, 9, m) for a shared bank (a value per channel chunk), (B, blocks, 9, m, n)
-    for per-channel kernels."""
+def input_gradient(dnorm, der, u, dcentres, taps, dmean, dsquare, *, geometry, interpret):
+    """u's gradient (through K and, from `dcentres`, through C), and K's gradient per image and
+    block of input pixels: (B, blocks, chunks, 9, m) for a shared bank (a value per channel
+    chunk), (B, blocks, 9, m, n) for per-channel kernels."""
     batch, pixels, n = u.shape
     m = dmean.shape[0]
     chunks = n // geometry.channel_step(n)
     blocks = pl.cdiv(pixels, geometry.tiles.pixels)
     share = (chunks,) + taps.shape if taps.ndim == 2 else taps.shape
     return _call(_input_kernel, (batch, blocks, chunks),
-                 [_image(geometry.outputs, m * n)] * 2 + [_image(pixels, n)]
+                 [_image(geometry.outputs, m * n)] * 2
+                 + [_image(pixels, n), _image(geometry.outputs, n)]
                  + [_whole(a.shape) for a in (taps, dmean, dsquare)],
-                 [jax.ShapeDtypeStruct((batch, pixels, n), jnp.float32),
+                 [jax.ShapeDtypeStruct((batch, pixels, n), u.dtype),
                   jax.ShapeDtypeStruct((batch, blocks) + share, jnp.float32)],
                  [_image(pixels, n),
                   pl.BlockSpec((None, None) + share, lambda b, p, c: (b, p) + (0,) * len(share))],
-                 interpret, geometry=geometry, m=m)(dnorm, der, u, taps, dmean, dsquare)
+                 interpret, geometry=geometry, m=m)(dnorm, der, u, dcentres, taps, dmean, dsquare)
