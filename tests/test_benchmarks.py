@@ -160,7 +160,8 @@ def test_kernels_table_reports_a_failed_candidate():
 
     tiles = ['64x32x64/w4s1', '128x32x64/w8s1']
     layer = dict(size=56, channels=64, stride=1, count=3, bytes=4e8, flops=2e11,
-                 io=dict(moments=1e8, forward=2e8, uncombined=4e8, backward=5e8, input=3e8),
+                 io={f'{t} {kernel}': size for t in tiles for kernel, size in dict(
+                     moments=1e8, forward=2e8, uncombined=4e8, backward=5e8, input=3e8).items()},
                  stored={'64x32x64/w4s1': False, '128x32x64/w8s1': True},
                  errors={'128x32x64/w8s1 product': 'ValueError: out of shared memory'},
                  times={'xla': times(4.0), '64x32x64/w4s1 product': times(2.0),

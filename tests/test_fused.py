@@ -269,7 +269,7 @@ def test_kernels_compile_for_sm90_without_spilling(layer):
     assert len(resources) == 5, resources
     for name, value in resources.items():
         assert isinstance(value, dict), (name, value)  # compiled
-        assert value['stack'] == 0 and value['registers'] <= 255, (name, value)
+        assert value['stack'] == 0, (name, value)
 
 
 @pytest.mark.slow
