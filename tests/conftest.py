@@ -15,6 +15,22 @@ from sklearn.datasets import load_digits
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
+@pytest.hookimpl(trylast=True)  # after the tmpdir plugin sets up the run's temporary folder
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the run, before anything compiles: tests that
+    build the same model again, and the processes they start (which inherit the environment),
+    load its executable instead of compiling it again. Its folder is the run's temporary one
+    (under xdist, the workers' parent folder, which they share); pytest keeps the last three."""
+    root = config._tmp_path_factory.getbasetemp()  # as xdist itself reads it
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent
+    settings = {'jax_compilation_cache_dir': str(root / 'xla-cache'),
+                'jax_persistent_cache_min_compile_time_secs': 0}
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
+
+
 @pytest.fixture(scope='session')
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1797 real 8x8 handwritten digits, NHWC float32 in [0, 1], and labels."""

@@ -1,5 +1,6 @@
 """Every notebook in notebooks/ runs top to bottom."""
 
+import json
 import pathlib
 
 import nbformat
@@ -10,8 +11,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / 'notebooks').glob('*.ipynb'))
 
 
-def test_there_are_notebooks():
+def test_there_are_notebooks_and_every_cell_has_an_id():
+    """Cell ids (nbformat 4.5): without them nbformat warns on reading, and later versions refuse."""
     assert NOTEBOOKS
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())['cells']
+        assert all('id' in cell for cell in cells), path.name
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda path: path.name)
