@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A quick GPU check for a 10-minute window, compiling included, sized for at most 8 minutes on
-# one H200: the same check without the fused kernels and with K `grouped` took 350 s; the
-# Triton compilation of the fused kernels is not yet measured. In bfloat16 at batch 256, in
-# order of what each part decides (a run cut short keeps the first parts' tables):
+# one H200: the same check without the fused kernels and with K `grouped` took 350 s. The
+# fused kernels' Triton compilation on the GPU is not yet measured; compiling every layer's 5
+# kernels once at the default tiles takes 31 s on 2 CPU cores (`python -m benchmarks.registers`),
+# and the parts below compile them again in each program that runs them. In bfloat16 at
+# batch 256, in order of what each part decides (a run cut short keeps the first parts' tables):
 #   - models: ResNet50 against Eq. (3) softball@ds at 224x224, the latter with the block's
 #     product by the layers (block_impl=xla) and by the fused Pallas kernels
 #     (block_impl=pallas): training and inference img/s, peak memory, training MFU against
