@@ -334,17 +334,19 @@ def test_init_from_another_model_is_refused(workdir, tmp_path):
 def test_the_command_loads_checkpoints_and_evaluation_not_the_training_loop():
     """`python -m qhnet.symmetry` restores, saves and evaluates variables: it imports
     `qhnet.training.checkpoints` and `qhnet.training.evaluation`, not the loop, the step, the
-    metric writers or the workdir checks (nor tqdm, TensorBoard or matplotlib with them)."""
+    metric writers or the workdir checks (nor tqdm, TensorBoard or matplotlib with them), nor
+    scipy.optimize, which only align's assignments use."""
     script = ('import sys, qhnet.symmetry.__main__\n'
               'print(" ".join(sorted(m for m in sys.modules if m.startswith("qhnet.training") '
-              'or m in ("tqdm", "tensorboardX", "matplotlib"))))')
+              'or m in ("tqdm", "tensorboardX", "matplotlib", "scipy.optimize"))))')
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, check=True)
     loaded = set(result.stdout.split())
     assert {'qhnet.training.checkpoints', 'qhnet.training.evaluation'} <= loaded
     assert loaded.isdisjoint({'qhnet.training.loop', 'qhnet.training.steps',
                               'qhnet.training.metrics', 'qhnet.training.workdirs',
-                              'qhnet.training.preflight', 'tqdm', 'tensorboardX', 'matplotlib'})
+                              'qhnet.training.preflight', 'tqdm', 'tensorboardX', 'matplotlib',
+                              'scipy.optimize'})
 
 
 def test_the_fine_tune_config_keeps_the_warmup_fraction_when_the_epochs_change(tmp_path):

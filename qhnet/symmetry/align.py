@@ -44,7 +44,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from qhnet.symmetry.action import MAX_CONDITION, act
 from qhnet.symmetry.families import (bn_layers, check_form, check_images, tap_streams,
@@ -145,6 +144,13 @@ def _ratios(rms_a: np.ndarray, rms_b: np.ndarray) -> np.ndarray:
     return np.where(live, rms_a / np.where(live, rms_b, 1), 1.0)
 
 
+def _assignment(score):
+    """(rows, columns) of the assignment that maximizes `score`'s sum (scipy.optimize, imported
+    here: the symmetry commands that do not align start without it)."""
+    from scipy.optimize import linear_sum_assignment
+    return linear_sum_assignment(score, maximize=True)
+
+
 def _match_stream(m: dict, group: str, gl: str, max_condition: float) -> np.ndarray:
     """T (n x n, float64) of `group` with X_B T ~ X_A (module docstring)."""
     if group == 'O' or (group == 'GL' and gl == 'procrustes'):
@@ -156,7 +162,7 @@ def _match_stream(m: dict, group: str, gl: str, max_condition: float) -> np.ndar
         return (u * np.clip(s, s[0] / max_condition, s[0])) @ vt
     correlation, rms_a, rms_b = _statistics(m)
     score = np.abs(correlation) if group == 'signed_permutation' else correlation
-    rows, columns = linear_sum_assignment(score, maximize=True)  # B channel -> A channel
+    rows, columns = _assignment(score)  # B channel -> A channel
     values = np.ones(len(rows))
     if group == 'signed_permutation':
         values = np.where(correlation[rows, columns] < 0, -1.0, 1.0)
@@ -175,7 +181,7 @@ def _match_hidden(m: dict, hidden: Hidden, method: str, max_condition: float) ->
     per_unit = channels // hidden.size
     score = correlation if method == 'permutation' else np.abs(correlation)  # signs: scales
     blocks = score.reshape(hidden.size, per_unit, hidden.size, per_unit)
-    _, perm = linear_sum_assignment(np.einsum('jrir->ji', blocks), maximize=True)
+    _, perm = _assignment(np.einsum('jrir->ji', blocks))
     if method == 'permutation':
         return {'perm': perm, 'scale': np.ones(hidden.scale_size)}
     b = np.arange(channels)
