@@ -115,10 +115,15 @@ def test_two_processes_train_like_one(tmp_path):
         port = probe.getsockname()[1]
     args = [DIGITS, '--config.num_epochs=2', '--config.progress_bar=False']
     workdir = tmp_path / 'two'
+    # Without the tests' compilation cache: shared by the two processes, it once left their
+    # first collective (orbax's sync_global_devices) disagreeing. Each compiles its own.
+    env = {name: value for name, value in os.environ.items()
+           if name != 'JAX_COMPILATION_CACHE_DIR'}
     processes = [subprocess.Popen(
         [sys.executable, '-m', 'qhnet.main', *args, f'--workdir={workdir}', '--multihost',
          f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in (0, 1)]
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-3000:]
