@@ -13,6 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+CACHE_DIR = 'jax_compilation_cache_dir'  # jax's option, set for the run by pytest_configure
 
 
 @pytest.hookimpl(trylast=True)  # after the tmpdir plugin sets up the run's temporary folder
@@ -24,11 +25,15 @@ def pytest_configure(config):
     root = config._tmp_path_factory.getbasetemp()  # as xdist itself reads it
     if os.environ.get('PYTEST_XDIST_WORKER'):
         root = root.parent
-    settings = {'jax_compilation_cache_dir': str(root / 'xla-cache'),
-                'jax_persistent_cache_min_compile_time_secs': 0}
+    settings = {CACHE_DIR: str(root / 'xla-cache'), 'jax_persistent_cache_min_compile_time_secs': 0}
     for name, value in settings.items():
         os.environ[name.upper()] = str(value)
         jax.config.update(name, value)
+
+
+def environment_without_compilation_cache() -> dict[str, str]:
+    """This process's environment for a process that compiles its own programs."""
+    return {name: value for name, value in os.environ.items() if name != CACHE_DIR.upper()}
 
 
 @pytest.fixture(scope='session')

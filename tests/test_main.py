@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import grayscale_imagefolder
+from tests.conftest import environment_without_compilation_cache, grayscale_imagefolder
 from qhnet import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,8 +117,7 @@ def test_two_processes_train_like_one(tmp_path):
     workdir = tmp_path / 'two'
     # Without the tests' compilation cache: shared by the two processes, it once left their
     # first collective (orbax's sync_global_devices) disagreeing. Each compiles its own.
-    env = {name: value for name, value in os.environ.items()
-           if name != 'JAX_COMPILATION_CACHE_DIR'}
+    env = environment_without_compilation_cache()
     processes = [subprocess.Popen(
         [sys.executable, '-m', 'qhnet.main', *args, f'--workdir={workdir}', '--multihost',
          f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
